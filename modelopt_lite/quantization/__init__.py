@@ -1,0 +1,34 @@
+"""Post-training quantization: ``import modelopt_lite.quantization as mtq``.
+
+    model = mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop=loop)
+    mtq.print_quant_summary(model)
+"""
+
+from . import formats
+from .algorithms import ALGORITHMS, calibrate, register_algorithm
+from .api import create_forward_loop, fold_weight, quantize
+from .calib import CALIBRATORS, CalibrationError
+from .config import ConfigError, QuantizeConfig, QuantizerAttributeConfig
+from .conversion import (
+    disable_quantizer,
+    enable_quantizer,
+    named_quantizers,
+    replace_quant_modules,
+    set_quantizer_attribute,
+    set_quantizer_by_cfg,
+)
+from .nn import QUANT_MODULES, QuantInputModule, QuantModule, QuantWeightModule, register_quant_module
+from .presets import PRESET_INFO, PRESETS, QFORMATS, get_config, load_config_file
+from .summary import print_quant_summary, quant_summary
+from .tensor_quantizer import TensorQuantizer
+
+globals().update(PRESETS)  # INT8_DEFAULT_CFG, FP8_DEFAULT_CFG, NVFP4_DEFAULT_CFG, ...
+
+__all__ = [
+    "formats", "ALGORITHMS", "calibrate", "register_algorithm", "create_forward_loop", "fold_weight", "quantize",
+    "CALIBRATORS", "CalibrationError", "ConfigError", "QuantizeConfig", "QuantizerAttributeConfig",
+    "disable_quantizer", "enable_quantizer", "named_quantizers", "replace_quant_modules",
+    "set_quantizer_attribute", "set_quantizer_by_cfg", "QUANT_MODULES", "QuantInputModule", "QuantModule",
+    "QuantWeightModule", "register_quant_module", "PRESET_INFO", "PRESETS", "QFORMATS", "get_config",
+    "load_config_file", "print_quant_summary", "quant_summary", "TensorQuantizer", *PRESETS,
+]

@@ -1,0 +1,72 @@
+"""Calibrator base class, registry, and the batch counter used in error messages."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from ...utils import Registry
+
+CALIBRATORS: Registry[type] = Registry("calibrator")
+
+_batch: list = [None]
+
+
+class CalibrationError(RuntimeError):
+    """Calibration data a quantizer cannot use (NaN or Inf)."""
+
+
+def current_batch() -> Optional[int]:
+    """Index of the forward-loop batch being run, when inside `batch_counter`."""
+    return _batch[0]
+
+
+@contextlib.contextmanager
+def batch_counter(model: torch.nn.Module):
+    """Count calls of `model.forward` so errors can name the batch."""
+    _batch[0] = -1
+
+    def pre_hook(module, args):
+        _batch[0] += 1
+
+    handle = model.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        _batch[0] = None
+
+
+class Calibrator:
+    """Collects statistics with `collect(x)`; `compute_amax()` gives the result.
+
+    `quantizer` is the owning TensorQuantizer (for its format and name).
+    """
+
+    def __init__(self, quantizer):
+        self._quantizer_ref = quantizer
+        self.num_batches = 0
+
+    @property
+    def quantizer(self):
+        return self._quantizer_ref
+
+    def collect(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def compute_amax(self) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self.num_batches = 0
+
+    def check_finite(self, stat: torch.Tensor) -> None:
+        if not bool(torch.isfinite(stat).all()):
+            batch = current_batch()
+            where = f" in batch {batch}" if batch is not None and batch >= 0 else ""
+            raise CalibrationError(
+                f"NaN or Inf in the calibration data of quantizer {self.quantizer.name!r}{where}; "
+                "check the inputs (and the layers before it) for overflow"
+            )

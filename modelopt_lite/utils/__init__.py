@@ -1,0 +1,5 @@
+"""Small shared helpers."""
+
+from .registry import Registry
+
+__all__ = ["Registry"]
