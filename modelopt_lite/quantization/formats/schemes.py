@@ -205,7 +205,7 @@ def _core(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor]):
     if fmt.scale is E4M3:
         gamax = bamax.amax() if amax is None else _fit_amax(amax, (), "global")
         tiny = gamax <= TINY_AMAX
-        s2 = torch.where(tiny, torch.ones_like(gamax), gamax / (qmax * E4M3.max_value))
+        s2 = torch.where(tiny, torch.ones_like(gamax), gamax / torch.full_like(gamax, qmax * E4M3.max_value))
         sb = E4M3.round(torch.clamp(bamax / (qmax * s2), max=E4M3.max_value))
         sb = torch.where(sb == 0, torch.ones_like(sb), sb)
         eff = sb * s2
@@ -218,14 +218,15 @@ def _core(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor]):
     xexp = torch.clamp(e - 1 - elem.emax, -127, 127)
     xexp = torch.where(bamax == 0, torch.zeros_like(xexp), xexp)
     X = torch.ldexp(torch.ones_like(bamax), xexp.float())
-    X = torch.where(torch.isnan(bamax), bamax, X)
+    X = torch.where(torch.isfinite(bamax), X, torch.full_like(X, float("nan")))  # NaN or Inf: the block is NaN
     q = elem.round(xf / X)
     return q, blocking, {"X": X}
 
 
 def _multiplier(amax: torch.Tensor, elem) -> torch.Tensor:
     """s = qmax / amax, or 0 where amax is at or below TINY_AMAX (all values become 0)."""
-    return torch.where(amax <= TINY_AMAX, torch.zeros_like(amax), elem.max_value / amax)
+    qmax = torch.full_like(amax, elem.max_value)  # tensor / tensor: one correctly rounded division
+    return torch.where(amax <= TINY_AMAX, torch.zeros_like(amax), qmax / amax)
 
 
 def _keep_shape(x: torch.Tensor, axis) -> Tuple[int, ...]:
