@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from typing import Optional
 
@@ -39,7 +40,7 @@ def batch_counter(model: torch.nn.Module):
         _batch[0] = None
 
 
-class Calibrator:
+class Calibrator(abc.ABC):
     """Collects statistics with `collect(x)`; `compute_amax()` gives the result.
 
     `quantizer` is the owning TensorQuantizer (for its format and name).
@@ -53,11 +54,13 @@ class Calibrator:
     def quantizer(self):
         return self._quantizer_ref
 
+    @abc.abstractmethod
     def collect(self, x: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Add the statistics of one tensor."""
 
+    @abc.abstractmethod
     def compute_amax(self) -> Optional[torch.Tensor]:
-        raise NotImplementedError
+        """The amax from everything collected, or None when nothing was."""
 
     def reset(self) -> None:
         self.num_batches = 0

@@ -26,8 +26,8 @@ _DEFAULT_WEIGHT = {"num_bits": 8, "axis": 0}
 class QuantModule(nn.Module):
     """Base mixin: a module whose quantizers are set up after conversion."""
 
-    def _setup(self) -> None:  # pragma: no cover - overridden
-        pass
+    def _setup(self) -> None:
+        """Create the quantizers; called right after the class swap."""
 
     @classmethod
     def convert(cls, module: nn.Module) -> nn.Module:
