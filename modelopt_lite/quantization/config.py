@@ -78,13 +78,15 @@ class QuantizerAttributeConfig(BaseModel):
     def _calibrator(cls, v):
         from .calib import CALIBRATORS
 
-        CALIBRATORS.get(v)
-        return v
+        return _registered(CALIBRATORS, v)
 
     @model_validator(mode="after")
     def _combination(self):
-        if "num_bits" in self.model_fields_set:  # partial entries are checked when applied
+        given = self.model_fields_set
+        if "num_bits" in given:  # a whole format: check it now
             to_format(self.model_dump())
+        elif self.axis is not None and self.block_sizes and {"axis", "block_sizes"} <= given:
+            raise ValueError("use either axis (per channel) or block_sizes, not both")
         return self
 
 
@@ -129,7 +131,7 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"quant_cfg must be a mapping of pattern -> attributes, got {type(v).__name__}")
         out = {}
         for key, val in v.items():
-            if isinstance(val, dict) and val and all(isinstance(x, dict) for x in val.values()):
+            if _is_class_filter(val):
                 out[key] = {p: _attrs(f"{key}.{p}", a) for p, a in val.items()}
             else:
                 out[key] = _attrs(key, val)
@@ -142,8 +144,26 @@ class QuantizeConfig(BaseModel):
 
         name = v.get("method") if isinstance(v, dict) else v
         if name is not None:
-            ALGORITHMS.get(name)
+            _registered(ALGORITHMS, name)
         return v
+
+
+def _registered(registry, name):
+    """Registry lookup that fails as a ValueError (so the error names the config key)."""
+    try:
+        registry.get(name)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    return name
+
+
+def _is_class_filter(val) -> bool:
+    """`{pattern: attributes, ...}` under a class name, as opposed to attributes themselves."""
+    if not isinstance(val, dict) or not val:
+        return False
+    if any(k in QuantizerAttributeConfig.model_fields for k in val):
+        return False
+    return all(isinstance(x, (dict, QuantizerAttributeConfig)) for x in val.values())
 
 
 def _attrs(key: str, val) -> QuantizerAttributeConfig:

@@ -103,11 +103,15 @@ class TensorQuantizer(nn.Module):
         return self._attrs["type"] == "dynamic"
 
     @property
-    def needs_calibration(self) -> bool:
-        """True when forward needs a calibrated amax (static, non-MX formats)."""
+    def uses_static_amax(self) -> bool:
+        """True when forward uses a stored amax (static, and not MX, per-token or other dynamic blocks)."""
         blocks = self._attrs["block_sizes"] or {}
         dynamic_blocks = blocks.get("type") == "dynamic" and not self.fmt.amax_is_global
-        return self.is_enabled and not self.is_dynamic and self.fmt.needs_amax and not dynamic_blocks
+        return not self.is_dynamic and self.fmt.needs_amax and not dynamic_blocks
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.is_enabled and self.uses_static_amax
 
     # ----------------------------------------------------------- state
     @property
@@ -181,7 +185,7 @@ class TensorQuantizer(nn.Module):
         return fake_quant(x, self.fmt, amax)
 
     def _amax_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self.fmt.needs_amax or self.is_dynamic:
+        if not self.uses_static_amax:
             return None
         if self._amax is None:
             if self.needs_calibration and not self._warned_uncalibrated:
@@ -192,7 +196,7 @@ class TensorQuantizer(nn.Module):
 
     # ----------------------------------------------------------- display
     def describe_amax(self) -> str:
-        if not self.fmt.needs_amax or (self.is_dynamic and self._amax is None):
+        if not self.uses_static_amax:
             return "dynamic"
         if self._amax is None:
             return "uncalibrated"

@@ -1,0 +1,118 @@
+"""The `modelopt-lite ptq` command: real all-MiniLM-L6-v2, bad arguments, local tiny models, `python -m`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelopt_lite.cli import main
+from modelopt_lite.models import default_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
+
+
+def test_ptq_fp8_on_real_minilm(tmp_path, capsys):
+    report_path = tmp_path / "out" / "report.json"
+    rc = main(["ptq", "--qformat", "fp8", "--calib-size", "32", "--no-summary", "--report-json", str(report_path)])
+    # success exit code
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    # 32 calibration sentences were used, 120 held-out sentences evaluated
+    assert report["config"] == "fp8" and report["calib_size"] == 32 and report["sentences"] == 120
+    assert Path(report["model"]) == default_model_dir()
+    # FP8 E4M3 per-tensor keeps MiniLM's sentence embeddings nearly unchanged (measured ~0.998 / ~0.997)
+    assert report["mean_cosine"] > 0.99
+    assert report["spearman_pairwise"] > 0.98
+    assert report["min_cosine"] <= report["mean_cosine"] <= 1.0 + 1e-6
+    out = capsys.readouterr().out
+    # --no-summary: no quantizer table; the fidelity report is printed
+    assert "quantizers," not in out
+    assert "Fidelity on 120 held-out sentences" in out
+    # the JSON is written atomically: no temporary file left behind
+    assert sorted(p.name for p in report_path.parent.iterdir()) == ["report.json"]
+
+
+def test_ptq_invalid_qformat_returns_2(capsys):
+    rc = main(["ptq", "--qformat", "fp7_bogus", "--calib-size", "4"])
+    # a usage error: exit code 2 and a message on stderr naming the bad value
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "fp7_bogus" in err and "error" in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["ptq", "--calib-size", "0"], "--calib-size must be positive, got 0"),
+    (["ptq", "--config", "/nonexistent/cfg.yaml"], "/nonexistent/cfg.yaml"),
+    (["ptq", "--model", "/nonexistent/model_dir", "--qformat", "int8"], "/nonexistent/model_dir"),
+])
+def test_ptq_other_bad_arguments_return_2(args, needle, capsys):
+    # each bad argument is reported on stderr with exit code 2, without a traceback
+    assert main(args) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_no_command_prints_help_and_returns_2(capsys):
+    # no subcommand: usage goes to stdout, exit code 2
+    assert main([]) == 2
+    assert "ptq" in capsys.readouterr().out
+
+
+def _save_tiny(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    src = default_model_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(src / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    import transformers
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128))
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, max_position_embeddings=128))
+    return {"bert": _save_tiny(bert, root / "bert"), "llama": _save_tiny(llama, root / "llama")}
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_ptq_nvfp4_on_tiny_local_models(kind, tiny_models, tmp_path, capsys):
+    report_path = tmp_path / f"{kind}.json"
+    rc = main(["ptq", "--model", str(tiny_models[kind]), "--qformat", "nvfp4", "--calib-size", "16",
+               "--batch-size", "8", "--max-length", "32", "--report-json", str(report_path)])
+    # success exit code
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    assert report["config"] == "nvfp4" and report["calib_size"] == 16 and report["sentences"] == 120
+    # embeddings stay finite and similar (random tiny models; NVFP4 measured ~0.98 here, bound is loose)
+    assert report["mean_cosine"] > 0.9
+    out = capsys.readouterr().out
+    # encoder vs. decoder detection from the saved architecture
+    assert ("Loaded encoder BertModel" in out) if kind == "bert" else ("Loaded decoder LlamaForCausalLM" in out)
+    # the summary table is printed (no --no-summary); NVFP4 quantizers appear
+    assert "nvfp4" in out and "quantizers," in out
+    if kind == "llama":
+        # the deployment exclusions leave lm_head unquantized
+        lm_head_rows = [line.split() for line in out.splitlines() if line.startswith("lm_head.")]
+        assert len(lm_head_rows) == 3 and all(row[-1] == "no" for row in lm_head_rows)
+
+
+def test_python_m_modelopt_lite_help():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "modelopt_lite", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    # --help exits 0 and lists the ptq command
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: modelopt-lite" in proc.stdout and "ptq" in proc.stdout
