@@ -10,24 +10,13 @@ from torch import nn
 
 from .calib import CALIBRATORS
 from .config import QuantizerAttributeConfig, to_format
-from .formats import QuantFormat, fake_quant
+from .formats import QuantFormat
+from .ops import fake_quant_ste, format_to_spec
 
 __all__ = ["TensorQuantizer"]
 
 _ATTRS = tuple(QuantizerAttributeConfig.model_fields)
 _FORMAT_ATTRS = ("num_bits", "axis", "block_sizes", "unsigned", "narrow_range", "type")
-
-
-class _FakeQuantSTE(torch.autograd.Function):
-    """Fake quantization with a straight-through gradient (for QAT)."""
-
-    @staticmethod
-    def forward(ctx, x, fmt, amax):
-        return fake_quant(x, fmt, amax)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
 
 
 class TensorQuantizer(nn.Module):
@@ -52,6 +41,7 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("_amax", None)
         self.register_buffer("_pre_quant_scale", None)
         self.fmt: QuantFormat = to_format(self._attrs)
+        self._spec = format_to_spec(self.fmt)
         self.calibrator = CALIBRATORS.get(self._attrs["calibrator"])(self)
         if attributes is not None:
             self.set_attributes(attributes)
@@ -77,7 +67,7 @@ class TensorQuantizer(nn.Module):
             raise ValueError(f"quantizer {self.name!r}: {e}") from None
         changed = any(new[k] != self._attrs[k] for k in _FORMAT_ATTRS)
         calib_changed = new["calibrator"] != self._attrs["calibrator"]
-        self._attrs, self.fmt = new, fmt
+        self._attrs, self.fmt, self._spec = new, fmt, format_to_spec(fmt)
         if changed:
             self._amax = None
         if changed or calib_changed:
@@ -179,10 +169,7 @@ class TensorQuantizer(nn.Module):
             self.calibrator.collect(x)
         if not self._quantizing:
             return x
-        amax = self._amax_for(x)
-        if x.requires_grad and torch.is_grad_enabled():
-            return _FakeQuantSTE.apply(x, self.fmt, amax)
-        return fake_quant(x, self.fmt, amax)
+        return fake_quant_ste(x, self.fmt, self._amax_for(x), self._spec)
 
     def _amax_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         if not self.uses_static_amax:
