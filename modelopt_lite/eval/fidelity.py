@@ -10,7 +10,7 @@ similarities (does the quantized model still rank pairs the same way).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Generic, Hashable, Iterator, Optional, TypeVar
+from typing import Any, Dict, Generic, Hashable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import modelopt_lite.quantization as mtq
-from modelopt_lite.quantization import QUANT_MODULES, QuantInputModule, QuantModule, QuantWeightModule
+from modelopt_lite.quantization import QUANT_MODULES, QuantInputModule, QuantWeightModule
 from modelopt_lite.quantization.formats import fake_quant
 
 

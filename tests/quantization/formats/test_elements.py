@@ -23,15 +23,6 @@ from modelopt_lite.quantization.formats import (
     parse_format,
 )
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
-]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 FLOATS = [E4M3, E5M2, E3M2, E2M3, E2M1]

@@ -26,16 +26,7 @@ from modelopt_lite.quantization.formats import (
     quantize,
 )
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
-]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 def make_input(shape, dtype=torch.float32, device="cpu", unsigned=False, seed=0, scale=3.0):
