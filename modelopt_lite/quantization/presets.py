@@ -10,6 +10,7 @@ file of the same shape works wherever a preset name does.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -31,6 +32,7 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
     return data
 
 
+@functools.lru_cache(maxsize=1)
 def _exclusion_lists() -> Dict[str, Dict[str, Any]]:
     return _read_yaml(CONFIG_DIR / "_exclusions.yaml")
 
@@ -40,7 +42,10 @@ def load_config_file(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = _read_yaml(path)
+    return _config_from_data(_read_yaml(path), path)
+
+
+def _config_from_data(data: Dict[str, Any], path: Path) -> Dict[str, Any]:
     unknown = set(data) - _META_KEYS - {"quant_cfg", "algorithm"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; expected quant_cfg, algorithm, {sorted(_META_KEYS)}")
@@ -55,7 +60,7 @@ def load_config_file(path: Union[str, Path]) -> Dict[str, Any]:
                 raise ConfigError(f"{path}: exclusions = {name!r} is not one of {sorted(lists)}")
             for pattern, attrs in lists[name].items():
                 quant_cfg.pop(pattern, None)  # re-insert so exclusions come last
-                quant_cfg[pattern] = attrs
+                quant_cfg[pattern] = copy.deepcopy(attrs)  # presets must not share entries
     config = {"quant_cfg": quant_cfg, "algorithm": data.get("algorithm", "max")}
     try:
         validate_config(config)
@@ -70,7 +75,7 @@ def _load_presets():
         if path.name.startswith("_"):
             continue
         meta = _read_yaml(path)
-        config = load_config_file(path)
+        config = _config_from_data(meta, path)
         by_name[meta["name"]] = config
         by_qformat[meta["qformat"]] = meta["name"]
         info[meta["name"]] = {"qformat": meta["qformat"], "description": meta.get("description", ""), "path": path}

@@ -189,13 +189,9 @@ def _core(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor]):
             amax = blocking.block_amax(xf) if blocking else channel_amax(xf, fmt.axis)
         if blocking is not None:
             amax = _fit_amax(amax, blocking.scale_shape, "block")
-            s = _multiplier(blocking.expand(amax), elem)
-        elif fmt.axis is not None:
-            amax = _fit_amax(amax, _keep_shape(x, fmt.axis), "channel")
-            s = _multiplier(amax, elem)
         else:
-            amax = _fit_amax(amax, (), "per-tensor")
-            s = _multiplier(amax, elem)
+            amax = _fit_amax(amax, _keep_shape(x, fmt.axis) if fmt.axis is not None else (), "per-tensor/channel")
+        s = _multiplier(blocking.expand(amax) if blocking is not None else amax, elem)
         return elem.round(xf * s), blocking, {"s": s, "amax": amax}
 
     if blocking is None:
