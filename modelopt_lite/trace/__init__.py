@@ -1,0 +1,23 @@
+"""Graphs of models and the dimensions that depend on each other across layers.
+
+    from modelopt_lite.trace import recursive_trace, analyze_symbols
+    graphs = recursive_trace(model)     # GraphCollection
+    symbols = analyze_symbols(model)    # SymMap
+"""
+
+from .collection import GraphCollection, GraphEntry, example_inputs_for, recursive_trace
+from .export_graph import capture_with_export
+from .tracer import RobustTracer, TraceFailure, is_leaf, register_leaf, unregister_leaf
+
+__all__ = [
+    "GraphCollection",
+    "GraphEntry",
+    "RobustTracer",
+    "TraceFailure",
+    "capture_with_export",
+    "example_inputs_for",
+    "is_leaf",
+    "recursive_trace",
+    "register_leaf",
+    "unregister_leaf",
+]
