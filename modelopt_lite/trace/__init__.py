@@ -5,11 +5,21 @@
     symbols = analyze_symbols(model)    # SymMap
 """
 
+from .analyzer import analyze_symbols
 from .collection import GraphCollection, GraphEntry, example_inputs_for, recursive_trace
 from .export_graph import capture_with_export
-from .tracer import RobustTracer, TraceFailure, is_leaf, register_leaf, unregister_leaf
+from .symbols import CLType, ConcatSymbol, Symbol, SymInfo, SymMap, register_sym_info
+from .tracer import RobustTracer, TraceFailure, is_leaf, register_leaf, register_leaf_predicate, unregister_leaf
 
 __all__ = [
+    "CLType",
+    "ConcatSymbol",
+    "Symbol",
+    "SymInfo",
+    "SymMap",
+    "analyze_symbols",
+    "register_sym_info",
+    "register_leaf_predicate",
     "GraphCollection",
     "GraphEntry",
     "RobustTracer",

@@ -165,6 +165,7 @@ def normalise(ep, module: nn.Module) -> Tuple[fx.Graph, Dict[str, Any], Set[str]
 
     # For each group: its tensor inputs from outside, and its one output used outside.
     plan: Dict[int, Tuple[List[fx.Node], fx.Node]] = {}
+    alias_of: Dict[fx.Node, fx.Node] = {}
     for gi, (path, members) in enumerate(groups):
         mset = set(members)
         inputs: List[fx.Node] = []
@@ -182,8 +183,17 @@ def normalise(ep, module: nn.Module) -> Tuple[fx.Graph, Dict[str, Any], Set[str]
                 if isinstance(inp.meta.get("val"), torch.Tensor):
                     inputs.append(inp)
         outputs = [m for m in members if any(u not in mset for u in m.users)]
+        # Outputs that are the group's input unchanged (a no-op dtype cast the
+        # caller keeps using, e.g. a residual) read the input directly.
+        aliases = {}
+        for o in outputs:
+            src_node = _identity_source(o, mset)
+            if src_node is not None and src_node in inputs:
+                aliases[o] = src_node
+        outputs = [o for o in outputs if o not in aliases]
         if ok and inputs and len(outputs) == 1 and isinstance(outputs[0].meta.get("val"), torch.Tensor):
             plan[gi] = (inputs, outputs[0])
+            alias_of.update(aliases)
 
     graph = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
@@ -204,6 +214,9 @@ def normalise(ep, module: nn.Module) -> Tuple[fx.Graph, Dict[str, Any], Set[str]
             new.meta = dict(node.meta)
             env[node] = new
             continue
+        if node in alias_of:
+            env[node] = env[alias_of[node]]
+            continue
         gi = group_of.get(node)
         if gi is not None and gi in plan:
             inputs, out = plan[gi]
@@ -222,6 +235,24 @@ def normalise(ep, module: nn.Module) -> Tuple[fx.Graph, Dict[str, Any], Set[str]
     _drop_dead_size_nodes(graph)
     graph.lint()
     return graph, attrs, leaves
+
+
+_IDENTITY_OPS = {"to", "alias", "contiguous", "detach", "_to_copy", "clone"}
+
+
+def _identity_source(node: fx.Node, members) -> Optional[fx.Node]:
+    """The outside node whose value `node` repeats (same dtype and shape) through no-op casts, or None."""
+    cur = node
+    while cur in members:
+        target = cur.target
+        name = getattr(getattr(target, "overloadpacket", None), "__name__", None)
+        if cur.op != "call_function" or name not in _IDENTITY_OPS or not cur.args or not isinstance(cur.args[0], fx.Node):
+            return None
+        a, b = cur.meta.get("val"), cur.args[0].meta.get("val")
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype or a.shape != b.shape:
+            return None
+        cur = cur.args[0]
+    return cur
 
 
 def _drop_dead_size_nodes(graph: fx.Graph) -> None:

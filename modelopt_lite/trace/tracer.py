@@ -10,7 +10,7 @@ ends the trace.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type
 
 import torch
 from torch import fx, nn
@@ -19,6 +19,8 @@ __all__ = ["RobustTracer", "TraceFailure", "register_leaf", "unregister_leaf", "
 
 LEAF_TYPES: Set[Type[nn.Module]] = set()
 """Module types traced as one node (subclasses included)."""
+LEAF_PREDICATES: List[Callable[[nn.Module], bool]] = []
+"""Tests that make a module a leaf (e.g. Hugging Face RMSNorm classes, matched by shape)."""
 
 
 def register_leaf(*types: Type[nn.Module]) -> None:
@@ -34,8 +36,21 @@ def unregister_leaf(*types: Type[nn.Module]) -> None:
         LEAF_TYPES.discard(t)
 
 
+def register_leaf_predicate(predicate: Callable[[nn.Module], bool]) -> None:
+    """Declare every module for which `predicate(module)` is true a leaf."""
+    LEAF_PREDICATES.append(predicate)
+
+
 def is_registered_leaf(module: nn.Module) -> bool:
-    return isinstance(module, tuple(LEAF_TYPES)) if LEAF_TYPES else False
+    if LEAF_TYPES and isinstance(module, tuple(LEAF_TYPES)):
+        return True
+    for pred in LEAF_PREDICATES:
+        try:
+            if pred(module):
+                return True
+        except Exception:  # noqa: BLE001 - a predicate that fails does not match
+            continue
+    return False
 
 
 def is_default_leaf(module: nn.Module) -> bool:
@@ -47,6 +62,10 @@ def is_default_leaf(module: nn.Module) -> bool:
 
 def is_leaf(module: nn.Module) -> bool:
     """The leaf rule shared by the FX tracer and the torch.export normalisation."""
+    from .symbols import is_container_rule
+
+    if is_container_rule(module):
+        return False
     return is_registered_leaf(module) or is_default_leaf(module)
 
 
