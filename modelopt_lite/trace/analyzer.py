@@ -56,12 +56,13 @@ class _UnionFind:
 class _TVal:
     """What the walk knows about a tensor: its rank (if known), and symbols (or BCAST) by negative dim."""
 
-    __slots__ = ("rank", "dims", "shape")
+    __slots__ = ("rank", "dims", "shape", "origin")
 
     def __init__(self, rank: Optional[int] = None, dims: Optional[Dict[int, Any]] = None, shape=None):
         self.rank = rank
         self.dims: Dict[int, Any] = dict(dims or {})
-        self.shape = shape  # tuple of int | None when known
+        self.shape = shape  # tuple of int | str (symbolic) | None when known
+        self.origin = ""  # "model input" for graph inputs
 
     def symbols(self) -> List[Symbol]:
         return [v for v in self.dims.values() if isinstance(v, Symbol)]
@@ -165,7 +166,9 @@ class _Walker:
     def visit(self, node: fx.Node, env, prefix: str, root: nn.Module):
         shape = _shape_of(node)
         if node.op == "placeholder":
-            return _TVal(rank=len(shape) if shape else None, shape=shape)
+            t = _TVal(rank=len(shape) if shape else None, shape=shape)
+            t.origin = "model input" if prefix == "" else f"input of {prefix}"
+            return t
         if node.op == "get_attr":
             return self._fixed(shape, node)
         if node.op == "output":
@@ -203,7 +206,8 @@ class _Walker:
         if name in ("matmul", "bmm", "__matmul__"):
             return self.matmul(tensors, shape)
         if name == "scaled_dot_product_attention":
-            return self.sdpa(tensors[:3], shape)
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            return self.sdpa(tensors[:3], shape, mask if isinstance(mask, _TVal) else None)
         # Unknown op: a boundary for every symbol that enters it.
         self.disable_all(tensors, f"op {name}")
         return _TVal(shape=shape, rank=len(shape) if shape else None)
@@ -289,7 +293,7 @@ class _Walker:
         if isinstance(have, Symbol):
             self.link(have, s)
         else:
-            self.disable(s, f"{full} reads a fixed-size input")
+            self.disable(s, x.origin or f"{full} reads a fixed-size input")
 
     # --- ops -----------------------------------------------------------------
     def elementwise(self, tensors: Sequence[_TVal], shape, node) -> _TVal:
@@ -511,11 +515,17 @@ class _Walker:
             out.dims[-1] = b.dims[-1]
         return out
 
-    def sdpa(self, qkv: Sequence[_TVal], shape) -> _TVal:
+    def sdpa(self, qkv: Sequence[_TVal], shape, mask: Optional[_TVal] = None) -> _TVal:
         q, k, v = (list(qkv) + [None, None, None])[:3]
         if q is None or k is None or v is None:
             self.disable_all(qkv, "attention")
             return _TVal(shape=shape)
+        if mask is not None:  # a per-head bias (T5, ALiBi) moves with the heads
+            for d, s in mask.dims.items():
+                if d == -3 and not _broadcasts(mask, d):
+                    self.link(s, q.dims.get(-3))
+                else:
+                    self.disable(s, "attention mask")
         self.link(q.dims.get(-1), k.dims.get(-1))
         self.link(k.dims.get(-3), v.dims.get(-3))
         self.link(q.dims.get(-3), k.dims.get(-3))  # heads move with kv heads (whole groups in GQA)

@@ -176,9 +176,8 @@ def normalise(ep, module: nn.Module) -> Tuple[fx.Graph, Dict[str, Any], Set[str]
                     continue
                 spec = specs.get(inp.name)
                 if inp.op == "placeholder" and spec is not None and spec.kind != InputKind.USER_INPUT:
-                    target = spec.target or ""
-                    if target.startswith(path + "."):
-                        continue  # the leaf's own parameter or buffer
+                    if _owns(cache[path], module, spec.target or ""):
+                        continue  # the leaf's own parameter or buffer (possibly tied under another name)
                     ok = False  # reads state of another module: keep the ops
                 if isinstance(inp.meta.get("val"), torch.Tensor):
                     inputs.append(inp)
@@ -264,6 +263,19 @@ def _drop_dead_size_nodes(graph: fx.Graph) -> None:
         if node.op == "call_function" and not node.users:
             if node.target in size_ops or getattr(node.target, "__module__", None) in ("_operator", "operator") or node.target is operator.getitem:
                 graph.erase_node(node)
+
+
+def _owns(leaf: nn.Module, root: nn.Module, target: str) -> bool:
+    if not target:
+        return False
+    try:
+        obj = root
+        for part in target.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return False
+    own = list(leaf.parameters(recurse=False)) + list(leaf.buffers(recurse=False))
+    return any(obj is t for t in own)
 
 
 def _has_attr(module: nn.Module, target: str) -> bool:

@@ -249,8 +249,24 @@ class SymMap:
         return [sym]
 
     def dependents(self, name: str) -> List[str]:
-        """Names of the other dimensions that must change when `name` changes."""
-        return [s.name for s in self.group_of(name) if s.name != name]
+        """Names of the other dimensions that must change when `name` changes.
+
+        The symbol's own group, and every group that takes a concat of it
+        (whose size is a sum with this one as a part), transitively.
+        """
+        out: List[str] = []
+        todo = [self.group_of(name)]
+        seen: Set[int] = set()
+        while todo:
+            group = todo.pop()
+            if id(group) in seen:
+                continue
+            seen.add(id(group))
+            out += [s.name for s in group if s.name != name and not isinstance(s, ConcatSymbol)]
+            for g in self.groups:
+                if any(isinstance(c, ConcatSymbol) and any(p in group for p in c.parts if p is not None) for c in g):
+                    todo.append(g)
+        return list(dict.fromkeys(out))
 
     def searchable(self) -> List[Symbol]:
         return [s for _, s in self.named_symbols() if s.is_searchable]
@@ -265,7 +281,11 @@ class SymMap:
             head = g[0]
             state = head.state if not head.is_dynamic else head.parent.state
             why = f" ({head.reason})" if head.is_constant and head.reason else ""
-            names = ", ".join(s.name for s in g)
+            concat = next((c for c in g if isinstance(c, ConcatSymbol)), None)
+            if concat is not None and not head.is_constant:
+                parts = " + ".join(p.name if p is not None else "fixed" for p in concat.parts)
+                state, why = "sum", f" of {parts}"
+            names = ", ".join(s.name for s in g if not isinstance(s, ConcatSymbol))
             lines.append(f"  [{state}{why}] {names}")
         if max_groups is not None and len(self.groups) > max_groups:
             lines.append(f"  ... {len(self.groups) - max_groups} more groups")
