@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
@@ -14,13 +15,19 @@ from .config import QuantizeConfig
 from .conversion import named_quantizers, replace_quant_modules, set_quantizer_by_cfg
 from .nn import QuantWeightModule
 from .presets import get_config
+from .tensor_quantizer import TensorQuantizer
 
-__all__ = ["quantize", "fold_weight", "create_forward_loop"]
+__all__ = ["quantize", "fold_weight", "create_forward_loop", "share_input_amax_by_graph"]
 
 ConfigLike = Union[str, Dict[str, Any], QuantizeConfig]
 
 
-def quantize(model: nn.Module, config: ConfigLike, forward_loop: Optional[Callable[[nn.Module], Any]] = None) -> nn.Module:
+def quantize(
+    model: nn.Module,
+    config: ConfigLike,
+    forward_loop: Optional[Callable[[nn.Module], Any]] = None,
+    share_input_amax: bool = True,
+) -> nn.Module:
     """Quantize `model` in place and return it.
 
     Registered layers get input, weight and output quantizers, set from
@@ -28,15 +35,78 @@ def quantize(model: nn.Module, config: ConfigLike, forward_loop: Optional[Callab
     QuantizeConfig), then calibrated by running `forward_loop(model)`.
     Without a loop, weights are calibrated from themselves and static
     activation quantizers become dynamic (with a warning).
+
+    With `share_input_amax` (the default), layers that read the same
+    activation (q/k/v, gate/up: found in the model's graph) end with one
+    input amax, the largest of theirs, as fused QKV and gate-up kernels and
+    checkpoints need. The groups are kept in ``model._modelopt_lite_shared_inputs``.
     """
     cfg = get_config(config)
     converted = replace_quant_modules(model)
     if converted == 0 and not any(True for _ in named_quantizers(model)):
         warnings.warn("quantize: the model has no layer of a registered class; nothing was quantized")
     set_quantizer_by_cfg(model, cfg)
-    calibrate(model, cfg.algorithm, forward_loop)
+    with _first_call_inputs(model) as seen:
+        calibrate(model, cfg.algorithm, forward_loop)
+    if share_input_amax:
+        share_input_amax_by_graph(model, example_inputs=seen.get("inputs"))
     model._modelopt_lite_quant_config = cfg.model_dump(mode="json", exclude_unset=True)
     return model
+
+
+@contextlib.contextmanager
+def _first_call_inputs(model: nn.Module):
+    """Keep the (args, kwargs) of the model's first call: example inputs for tracing."""
+    seen: Dict[str, Any] = {}
+
+    def hook(module, args, kwargs):
+        seen.setdefault("inputs", (tuple(args), dict(kwargs)))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def share_input_amax_by_graph(model: nn.Module, example_inputs=None, graphs=None) -> List[List[str]]:
+    """Give layers that read the same activation one input amax (the largest); returns the groups.
+
+    Only quantizers that are enabled, static and calibrated, with the same
+    format and amax shape, are merged. When the model cannot be traced at
+    all, nothing changes (with a warning).
+    """
+    from ..trace import recursive_trace, residual_writers, shared_input_groups
+
+    def has_input_quantizer(m: nn.Module) -> bool:
+        return isinstance(getattr(m, "input_quantizer", None), TensorQuantizer)
+
+    if not any(has_input_quantizer(m) and m.input_quantizer.amax is not None for m in model.modules()):
+        model._modelopt_lite_shared_inputs = []
+        return []
+    try:
+        graphs = graphs if graphs is not None else recursive_trace(model, example_inputs=example_inputs)
+    except Exception as e:  # noqa: BLE001 - sharing is an improvement, not a requirement
+        warnings.warn(f"quantize: could not trace the model to find shared inputs ({type(e).__name__}: {e})")
+        return []
+    groups = shared_input_groups(graphs, want=has_input_quantizer)
+    applied: List[List[str]] = []
+    for names in groups:
+        quantizers = [model.get_submodule(n).input_quantizer for n in names]
+        usable = [q for q in quantizers if q.is_enabled and q.uses_static_amax and q.amax is not None]
+        if len(usable) < 2:
+            continue
+        ref = usable[0]
+        if any(q._spec != ref._spec or q.amax.shape != ref.amax.shape for q in usable):
+            continue
+        with torch.no_grad():
+            shared = torch.stack([q.amax for q in usable]).amax(dim=0)
+            for q in usable:
+                q.amax = shared.clone()
+        applied.append(names)
+    model._modelopt_lite_shared_inputs = applied
+    model._modelopt_lite_residual_writers = residual_writers(graphs, want=has_input_quantizer)
+    return applied
 
 
 def fold_weight(model: nn.Module) -> nn.Module:

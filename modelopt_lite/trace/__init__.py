@@ -8,6 +8,7 @@
 from .analyzer import analyze_symbols
 from .collection import GraphCollection, GraphEntry, example_inputs_for, recursive_trace
 from .export_graph import capture_with_export
+from .fanout import residual_writers, shared_input_groups
 from .symbols import CLType, ConcatSymbol, Symbol, SymInfo, SymMap, register_sym_info
 from .tracer import RobustTracer, TraceFailure, is_leaf, register_leaf, register_leaf_predicate, unregister_leaf
 
@@ -18,6 +19,8 @@ __all__ = [
     "SymInfo",
     "SymMap",
     "analyze_symbols",
+    "residual_writers",
+    "shared_input_groups",
     "register_sym_info",
     "register_leaf_predicate",
     "GraphCollection",

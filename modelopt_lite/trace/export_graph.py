@@ -274,7 +274,7 @@ def _owns(leaf: nn.Module, root: nn.Module, target: str) -> bool:
             obj = getattr(obj, part)
     except AttributeError:
         return False
-    own = list(leaf.parameters(recurse=False)) + list(leaf.buffers(recurse=False))
+    own = list(leaf.parameters()) + list(leaf.buffers())  # a leaf's whole subtree is its state
     return any(obj is t for t in own)
 
 

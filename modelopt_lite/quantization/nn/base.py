@@ -13,6 +13,7 @@ from typing import Dict, Optional, Type
 import torch
 from torch import nn
 
+from ...trace.tracer import register_leaf
 from ...utils import Registry
 from ..tensor_quantizer import TensorQuantizer
 
@@ -46,6 +47,9 @@ class QuantModule(nn.Module):
         q = TensorQuantizer(attrs)
         ref = next(iter(self.parameters(recurse=False)), None)
         return q.to(ref.device) if ref is not None else q
+
+
+register_leaf(QuantModule)  # graphs show a quantized layer as one node, like the layer it replaced
 
 
 class QuantInputModule(QuantModule):
