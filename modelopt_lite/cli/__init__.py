@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import ptq
+from . import ptq, trace
 
-COMMANDS = {"ptq": ptq}
+COMMANDS = {"ptq": ptq, "trace": trace}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -260,7 +260,9 @@ def _drop_dead_size_nodes(graph: fx.Graph) -> None:
 
     size_ops = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default}
     for node in reversed(list(graph.nodes)):
-        if node.op == "call_function" and not node.users:
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+        elif node.op == "call_function" and not node.users:
             if node.target in size_ops or getattr(node.target, "__module__", None) in ("_operator", "operator") or node.target is operator.getitem:
                 graph.erase_node(node)
 
