@@ -99,6 +99,7 @@ _ELEMENTWISE = {
     "fmod", "remainder", "addcmul", "lerp", "eq", "ne", "gt", "lt", "ge", "le", "logical_and", "logical_or",
     "__and__", "__or__", "and_", "or_",
 }
+_SIZE_QUERIES = {"getattr", "size", "dim", "numel", "sym_size", "sym_numel", "_assert_scalar", "sym_constrain_range_for_size"}
 _REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "norm", "prod", "logsumexp", "max", "min", "argmax", "argmin"}
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
@@ -183,6 +184,8 @@ class _Walker:
         if not tensors:
             return _TVal(shape=shape, rank=len(shape) if shape else None) if shape is not None else None
         x = args[0] if args and isinstance(args[0], _TVal) else tensors[0]
+        if name in _SIZE_QUERIES:
+            return None  # sizes, not tensors
         if name in ("getitem",):
             return self.getitem(node, args, shape)
         if name in ("slice", "narrow", "select", "index_select"):
@@ -577,6 +580,12 @@ class _Walker:
             spec = args[1:] if not (len(args) == 2 and isinstance(args[1], (list, tuple))) else args[1]
             target = tuple(s if isinstance(s, int) else None for s in spec)
         in_shape = x.shape
+        if in_shape is None and x.rank is None and len(target) >= 2 and isinstance(target[-1], int):
+            # Rank unknown (no example inputs): a split of the last dim into (..., a, b).
+            sym = x.dims.get(-1)
+            b = target[-1]
+            if isinstance(sym, Symbol) and sym.size and b > 0 and sym.size % b == 0:
+                x = _TVal(rank=len(target) - 1, dims=x.dims)
         if in_shape is None and x.rank is not None:
             in_shape = tuple(v.size if isinstance(v, Symbol) else (1 if v == BCAST else None)
                              for v in (x.dims.get(i - x.rank) for i in range(x.rank)))
@@ -621,8 +630,8 @@ class _Walker:
         if len(keep_in) == 1 and len(keep_out) == 2 and len(sym_in) == 1:  # split into heads
             sym = sym_in[0][1]
             (d_a, a), (d_b, b) = keep_out
-            a = a if isinstance(a, int) else None
-            b = b if isinstance(b, int) else None
+            a = a if isinstance(a, int) and a > 0 else None
+            b = b if isinstance(b, int) and b > 0 else None
             size = sym.size if sym.size is not None else keep_in[0][1]
             if a is None and b and size and size % b == 0:
                 a = size // b

@@ -229,6 +229,11 @@ def normalise(ep, module: nn.Module) -> Tuple[fx.Graph, Dict[str, Any], Set[str]
             continue
         if node.op == "get_attr":
             attrs[node.target] = getattr(ep.graph_module, node.target)
+        if node.op == "output" and _single_output(ep) and len(node.args[0]) == 1:
+            new = graph.output(env[node.args[0][0]])  # the module returns one tensor, not a tuple
+            new.meta = dict(node.meta)
+            env[node] = new
+            continue
         new = graph.node_copy(node, lambda n: env[n])
         env[node] = new
     _drop_dead_size_nodes(graph)
@@ -252,6 +257,11 @@ def _identity_source(node: fx.Node, members) -> Optional[fx.Node]:
             return None
         cur = cur.args[0]
     return cur
+
+
+def _single_output(ep) -> bool:
+    spec = getattr(getattr(ep, "call_spec", None), "out_spec", None)
+    return spec is not None and spec.is_leaf()
 
 
 def _drop_dead_size_nodes(graph: fx.Graph) -> None:
