@@ -13,14 +13,13 @@ output, is a boundary: the symbols that reach it become constant.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
 
 from .collection import GraphCollection, recursive_trace
-from .symbols import CLType, ConcatSymbol, Symbol, SymMap, attention_dims, sym_info_rule
+from .symbols import CLType, ConcatSymbol, Symbol, SymMap, attention_dims
 
 __all__ = ["analyze_symbols"]
 
@@ -190,7 +189,7 @@ class _Walker:
             return self.getitem(node, args, shape)
         if name in ("slice", "narrow", "select", "index_select"):
             return self.slice(node, x, args, kwargs, shape, name)
-        if name in _PASS or (name in ("dropout", "layer_norm") and False):
+        if name in _PASS:
             return _out(x, shape)
         if name in _ELEMENTWISE:
             return self.elementwise(tensors, shape, node)
@@ -421,10 +420,9 @@ class _Walker:
                 return _TVal(shape=shape)
             perm = None
             a, b = args[1], args[2]
-        if rank is None:
-            if name == "permute" or perm is None and False:
-                self.disable_all([x], f"{node.name}: permute of unknown rank")
-                return _TVal(shape=shape)
+        if rank is None and name == "permute":
+            self.disable_all([x], f"{node.name}: permute of unknown rank")
+            return _TVal(shape=shape)
         out = _TVal(rank=rank, shape=shape)
         if name in ("transpose", "swapaxes"):
             a, b = x.neg(a), x.neg(b)
@@ -540,11 +538,6 @@ class _Walker:
         return out
 
     def _flatten(self, x: _TVal, start: int, end: int, shape) -> _TVal:
-        if x.rank is None and (start >= 0 or end >= 0):
-            if end == -1 and start >= 0 and shape is None:
-                merged = x.dims.get(-1)
-                self.disable_all([x], "flatten of unknown rank")
-                return _TVal(rank=start + 1)
         rank = x.rank
         s, e = x.neg(start), x.neg(end)
         if s is None or e is None:
@@ -659,7 +652,7 @@ class _Walker:
     def _head_symbols(self, node, prefix, root, a, b):
         """(heads or kv heads symbol, head_dim symbol) of the attention module around `node`, if sizes match."""
         stack = node.meta.get("nn_module_stack") or {}
-        for key, val in reversed(list(stack.items())):
+        for val in reversed(list(stack.values())):
             if not isinstance(val, tuple):
                 continue
             path = val[0]
@@ -819,7 +812,7 @@ def _resolve(symmap: SymMap, gc: GraphCollection, w: _Walker) -> None:
     for root, members in sorted(groups.items(), key=lambda kv: uf.order[kv[0]]):
         members.sort(key=lambda s: uf.order[s])
         reason = w.reasons.get(root)
-        named = [s for s in members if not isinstance(s, ConcatSymbol) or True]
+        named = members
         for s in members:
             s.parent = None
         if reason is not None:

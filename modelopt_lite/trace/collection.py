@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Type
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Type
 
 import torch
 from torch import fx, nn

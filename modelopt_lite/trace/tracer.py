@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type
 
-import torch
 from torch import fx, nn
 
 __all__ = ["RobustTracer", "TraceFailure", "register_leaf", "unregister_leaf", "is_registered_leaf", "LEAF_TYPES"]
