@@ -23,8 +23,16 @@ def main() -> None:
     print("| model | FX on the root | captured by | graphs | modules covered | linear layers covered | "
           "shared-input groups | searchable symbol groups | trace + analysis (s) | FX alone: graphs, failed modules |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in TINY_MODELS:
-        model = build_tiny_model(name)
+    models = [(name, lambda n=name: build_tiny_model(n)) for name in TINY_MODELS]
+    try:
+        from modelopt_lite.models.hf import load_hf_model
+
+        load_hf_model()  # all-MiniLM-L6-v2, when its package is installed
+        models.append(("minilm", lambda: load_hf_model().model))
+    except (FileNotFoundError, ImportError):
+        pass
+    for name, build in models:
+        model = build()
         t0 = time.perf_counter()
         graphs = recursive_trace(model)
         symbols = analyze_symbols(model, graphs=graphs)
@@ -37,7 +45,8 @@ def main() -> None:
         kinds = sorted({"q/k/v" if len(g) == 3 else "gate/up" if len(g) == 2 else f"{len(g)} layers" for g in groups})
         searchable = sum(1 for g in symbols.groups if g[0].is_searchable or (g[0].is_dynamic and g[0].parent.is_searchable))
         fx_only = recursive_trace(model, use_export=False)
-        print(f"| {type(model).__name__} | {fx_root} | {entry.method} | {len(graphs)} | {cov}/{total} | "
+        label = type(model).__name__ + (" (all-MiniLM-L6-v2, pretrained)" if name == "minilm" else "")
+        print(f"| {label} | {fx_root} | {entry.method} | {len(graphs)} | {cov}/{total} | "
               f"{lin[0]}/{lin[1]} | {len(groups)} ({', '.join(kinds) or 'none'}) | {searchable} | {seconds:.1f} | "
               f"{len(fx_only)}, {len(fx_only.failures())} |")
 
