@@ -41,12 +41,21 @@ class ExportCapture:
     note: str = ""
 
 
-def _dynamic_shapes(args: Tuple, kwargs: Dict[str, Any], sig: inspect.Signature, max_seq: Optional[int] = None):
-    """Batch (dim 0) and sequence (dim 1) of every input tensor of rank >= 2 are dynamic."""
+def _dynamic_shapes(args: Tuple, kwargs: Dict[str, Any], sig: inspect.Signature, max_seq: Optional[int] = None,
+                    auto: bool = False):
+    """Batch (dim 0) and sequence (dim 1) of every input tensor of rank >= 2 are dynamic.
+
+    With `auto`, torch.export picks the ranges itself (``Dim.AUTO``), which
+    some model code needs (a range it narrows, e.g. below the maximum
+    positions).
+    """
     from torch.export import Dim
 
-    batch = Dim("batch", min=1, max=1 << 16)
-    seq = Dim("seq", min=2, max=max_seq or (1 << 20))
+    if auto:
+        batch = seq = Dim.AUTO
+    else:
+        batch = Dim("batch", min=1, max=1 << 16)
+        seq = Dim("seq", min=2, max=max_seq or (1 << 20))
 
     def spec(v):
         if isinstance(v, torch.Tensor):
@@ -99,13 +108,18 @@ def capture_with_export(
         with torch.no_grad(), _record_calls(module, visited):
             ep, note, used_dynamic = None, "", False
             if dynamic:
-                try:
-                    shapes = _dynamic_shapes(args, kwargs, inspect.signature(module.forward), max_seq)
-                    ep = torch.export.export(module, tuple(args), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
-                    used_dynamic = True
-                except Exception as e:  # noqa: BLE001 - any failure: try static shapes
-                    note = f"dynamic shapes rejected ({_short(e)}); captured with static shapes"
-                    visited.clear()
+                errors = []
+                for auto in (False, True) if hasattr(torch.export.Dim, "AUTO") else (False,):
+                    try:
+                        shapes = _dynamic_shapes(args, kwargs, inspect.signature(module.forward), max_seq, auto)
+                        ep = torch.export.export(module, tuple(args), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+                        used_dynamic = True
+                        break
+                    except Exception as e:  # noqa: BLE001 - any failure: let torch choose, then static shapes
+                        errors.append(_short(e))
+                        visited.clear()
+                if ep is None:
+                    note = f"dynamic shapes rejected ({errors[0]}); captured with static shapes"
             if ep is None:
                 ep = torch.export.export(module, tuple(args), kwargs=kwargs, strict=False)
     finally:
