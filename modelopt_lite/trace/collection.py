@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from .export_graph import capture_with_export
+from .graph_utils import get_attr_path, linear_types
 from .tracer import RobustTracer, TraceFailure, _short
 
 __all__ = ["GraphCollection", "GraphEntry", "recursive_trace", "example_inputs_for"]
@@ -44,15 +45,8 @@ class GraphEntry:
         root: Dict[str, Any] = {}
         for node in self.graph.nodes:
             if node.op in ("get_attr", "call_module"):
-                root[node.target] = self.attrs[node.target] if node.target in self.attrs else _get(self.module, node.target)
+                root[node.target] = self.attrs[node.target] if node.target in self.attrs else get_attr_path(self.module, node.target)
         return fx.GraphModule(root, self.graph, class_name=type(self.module).__name__ + "Graph")
-
-
-def _get(module: nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _join(prefix: str, name: str) -> str:
@@ -69,6 +63,7 @@ class GraphCollection:
             self._names.setdefault(m, name)
         self._entries: Dict[nn.Module, GraphEntry] = {}
         self._failed: Dict[nn.Module, str] = {}
+        self._shown: Set[nn.Module] = set()  # modules some graph shows, failed ones included
 
     # --- mapping-like access -------------------------------------------
     def __iter__(self) -> Iterator[nn.Module]:
@@ -110,14 +105,7 @@ class GraphCollection:
 
     def covered_modules(self) -> Set[nn.Module]:
         """Modules whose computation some graph shows (a module shared under two names counts once)."""
-        out: Set[nn.Module] = set()
-        for e in self._entries.values():
-            for name in e.covered:
-                try:
-                    out.add(self.model.get_submodule(name))
-                except AttributeError:
-                    pass
-        return out - set(self._failed)
+        return self._shown - self._failed.keys()
 
     def covered_names(self) -> Set[str]:
         return {self._names[m] for m in self.covered_modules()}
@@ -136,7 +124,7 @@ class GraphCollection:
 
     def summary(self) -> str:
         cov, total = self.coverage()
-        lin_cov, lin_total = self.coverage((nn.Linear,) + _conv1d_type())
+        lin_cov, lin_total = self.coverage(linear_types())
         lines = [f"GraphCollection of {type(self.model).__name__}: {len(self)} graph(s), "
                  f"{cov}/{total} modules covered ({lin_cov}/{lin_total} linear layers)"]
         for e in self._entries.values():
@@ -148,9 +136,7 @@ class GraphCollection:
             lines.append(f"  failed ({len(self._failed)}):")
             for m, msg in self._failed.items():
                 lines.append(f"    {self._names[m] or '<root>'} [{type(m).__name__}]: {msg}")
-        covered = self.covered_modules()
-        unvisited = [n for m, n in self._names.items()
-                     if m not in covered and m not in self._failed and not _is_container(m)]
+        unvisited = [n for m, n in self._names.items() if not _is_container(m) and self.is_unvisited(m)]
         if unvisited:
             shown = ", ".join(unvisited[:8]) + (f" and {len(unvisited) - 8} more" if len(unvisited) > 8 else "")
             lines.append(f"  unvisited ({len(unvisited)}): {shown}")
@@ -165,6 +151,11 @@ class GraphCollection:
     # --- building --------------------------------------------------------
     def _add(self, entry: GraphEntry) -> None:
         self._entries[entry.module] = entry
+        for name in entry.covered:
+            try:
+                self._shown.add(self.model.get_submodule(name))
+            except AttributeError:
+                pass
 
     def _fail(self, module: nn.Module, msg: str) -> None:
         self._failed[module] = msg
@@ -173,14 +164,6 @@ class GraphCollection:
 def _is_container(module: nn.Module) -> bool:
     """ModuleList and ModuleDict hold layers but compute nothing themselves."""
     return isinstance(module, (nn.ModuleList, nn.ModuleDict))
-
-
-def _conv1d_type() -> Tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # noqa: BLE001 - transformers is optional
-        return ()
-    return (Conv1D,)
 
 
 def example_inputs_for(model: nn.Module, batch: int = 2, seq: int = 8) -> Optional[Inputs]:
@@ -301,9 +284,14 @@ def recursive_trace(
     if example is not None:
         inputs_cache[model] = example
 
+    def prefetch_inputs(modules: List[nn.Module]) -> None:
+        """One forward pass records the inputs of all `modules` not yet recorded."""
+        wanted = [m for m in modules if m not in inputs_cache]
+        if use_export and example is not None and wanted:
+            inputs_cache.update(_capture_module_inputs(model, example, wanted))
+
     def inputs_of(module: nn.Module) -> Optional[Inputs]:
-        if module not in inputs_cache and example is not None:
-            inputs_cache.update(_capture_module_inputs(model, example, [module]))
+        prefetch_inputs([module])
         return inputs_cache.get(module)
 
     # Each queue item: (module, concrete_args, error if it already failed inside its parent's trace).
@@ -329,10 +317,11 @@ def recursive_trace(
                 gc._add(entry)
                 if module in inputs_cache:
                     _propagate_shapes(entry.graph_module(), inputs_cache[module])
-                for sub_name, msg in tracer.failures.items():
-                    sub = module.get_submodule(sub_name)
+                subs = [module.get_submodule(sub_name) for sub_name in tracer.failures]
+                for sub, msg in zip(subs, tracer.failures.values()):
                     gc._fail(sub, msg)
                     queue.append((sub, None, msg))
+                prefetch_inputs(subs)
                 continue
         # FX could not trace this module: torch.export, else its children one by one.
         result = _try_export(name, module, inputs_of(module) if use_export else None, failed_in_parent, dynamic)

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch import fx, nn
 
+from .graph_utils import get_attr_path, same_value_op
 from .tracer import _short, is_leaf
 
 __all__ = ["ExportCapture", "capture_with_export"]
@@ -177,6 +178,15 @@ def normalise(ep, module: nn.Module) -> Tuple[fx.Graph, Dict[str, Any], Set[str]
         groups[-1][1].append(node)
         group_of[node] = len(groups) - 1
 
+    own_state_ids: Dict[str, Set[int]] = {}
+
+    def state_ids(path: str) -> Set[int]:
+        """ids of a leaf's parameters and buffers (its whole subtree is its state; tied weights included)."""
+        if path not in own_state_ids:
+            leaf = cache[path]
+            own_state_ids[path] = {id(t) for t in list(leaf.parameters()) + list(leaf.buffers())}
+        return own_state_ids[path]
+
     # For each group: its tensor inputs from outside, and its one output used outside.
     plan: Dict[int, Tuple[List[fx.Node], fx.Node]] = {}
     alias_of: Dict[fx.Node, fx.Node] = {}
@@ -190,7 +200,7 @@ def normalise(ep, module: nn.Module) -> Tuple[fx.Graph, Dict[str, Any], Set[str]
                     continue
                 spec = specs.get(inp.name)
                 if inp.op == "placeholder" and spec is not None and spec.kind != InputKind.USER_INPUT:
-                    if _owns(cache[path], module, spec.target or ""):
+                    if spec.target and id(get_attr_path(module, spec.target)) in state_ids(path):
                         continue  # the leaf's own parameter or buffer (possibly tied under another name)
                     ok = False  # reads state of another module: keep the ops
                 if isinstance(inp.meta.get("val"), torch.Tensor):
@@ -217,7 +227,7 @@ def normalise(ep, module: nn.Module) -> Tuple[fx.Graph, Dict[str, Any], Set[str]
             if spec is not None and spec.kind != InputKind.USER_INPUT:
                 target = spec.target
                 new = graph.get_attr(target)
-                if spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ) or not _has_attr(module, target):
+                if spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ) or get_attr_path(module, target) is None:
                     attrs[target] = ep.constants.get(target) if target in ep.constants else _lookup(ep, target)
                 own_state[new] = target
             else:
@@ -255,19 +265,11 @@ def normalise(ep, module: nn.Module) -> Tuple[fx.Graph, Dict[str, Any], Set[str]
     return graph, attrs, leaves
 
 
-_IDENTITY_OPS = {"to", "alias", "contiguous", "detach", "_to_copy", "clone"}
-
-
 def _identity_source(node: fx.Node, members) -> Optional[fx.Node]:
-    """The outside node whose value `node` repeats (same dtype and shape) through no-op casts, or None."""
+    """The outside node whose value `node` repeats through no-op casts and copies, or None."""
     cur = node
     while cur in members:
-        target = cur.target
-        name = getattr(getattr(target, "overloadpacket", None), "__name__", None)
-        if cur.op != "call_function" or name not in _IDENTITY_OPS or not cur.args or not isinstance(cur.args[0], fx.Node):
-            return None
-        a, b = cur.meta.get("val"), cur.args[0].meta.get("val")
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype or a.shape != b.shape:
+        if not same_value_op(cur):
             return None
         cur = cur.args[0]
     return cur
@@ -289,28 +291,6 @@ def _drop_dead_size_nodes(graph: fx.Graph) -> None:
         elif node.op == "call_function" and not node.users:
             if node.target in size_ops or getattr(node.target, "__module__", None) in ("_operator", "operator") or node.target is operator.getitem:
                 graph.erase_node(node)
-
-
-def _owns(leaf: nn.Module, root: nn.Module, target: str) -> bool:
-    if not target:
-        return False
-    try:
-        obj = root
-        for part in target.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        return False
-    own = list(leaf.parameters()) + list(leaf.buffers())  # a leaf's whole subtree is its state
-    return any(obj is t for t in own)
-
-
-def _has_attr(module: nn.Module, target: str) -> bool:
-    obj = module
-    for part in target.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
 
 
 def _lookup(ep, target: str):

@@ -13,21 +13,14 @@ import torch
 from torch import fx, nn
 
 from .collection import GraphCollection
+from .graph_utils import SAME_VALUE_OPS, op_name, same_value_op
 
 __all__ = ["shared_input_groups", "residual_writers"]
 
 # Ops and modules whose output is their input's value (in eval mode), so readers through them read the same activation.
-_SAME_VALUE_OPS = {"to", "alias", "contiguous", "clone", "detach", "_to_copy", "dropout", "type"}
+_SAME_VALUE_OPS = SAME_VALUE_OPS | {"dropout"}
 _SAME_VALUE_MODULES = (nn.Identity, nn.Dropout)
 _ADD_OPS = {"add", "add_", "iadd", "__add__", "__iadd__"}
-
-
-def _op(node: fx.Node) -> str:
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    packet = getattr(t, "overloadpacket", None)
-    return getattr(packet, "__name__", None) or getattr(t, "__name__", str(t))
 
 
 def _module(entry_module: nn.Module, node: fx.Node) -> Optional[nn.Module]:
@@ -42,12 +35,7 @@ def _module(entry_module: nn.Module, node: fx.Node) -> Optional[nn.Module]:
 def _same_value(entry_module: nn.Module, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(_module(entry_module, node), _SAME_VALUE_MODULES)
-    if node.op in ("call_function", "call_method") and _op(node) in _SAME_VALUE_OPS:
-        val, src = node.meta.get("val"), node.args[0] if node.args else None
-        if isinstance(val, torch.Tensor) and isinstance(src, fx.Node) and isinstance(src.meta.get("val"), torch.Tensor):
-            return val.dtype == src.meta["val"].dtype
-        return _op(node) != "to"  # without metadata, a cast may change the value
-    return False
+    return same_value_op(node, _SAME_VALUE_OPS)
 
 
 def _readers(entry_module: nn.Module, node: fx.Node, want: Callable[[nn.Module], bool]) -> List[fx.Node]:
@@ -104,7 +92,7 @@ def residual_writers(graphs: GraphCollection, want: Optional[Callable[[nn.Module
                 for user in cur.users:
                     if _same_value(entry.module, user) and user.args and user.args[0] is cur:
                         frontier.append(user)
-                    elif user.op in ("call_function", "call_method") and _op(user) in _ADD_OPS:
+                    elif user.op in ("call_function", "call_method") and op_name(user) in _ADD_OPS:
                         other = [a for a in user.args[:2] if isinstance(a, fx.Node) and a is not cur]
                         if other and other[0] not in downstream and _same_shape(cur, other[0]):
                             found[f"{entry.name}.{node.target}" if entry.name else node.target] = None

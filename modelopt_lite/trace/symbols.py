@@ -23,7 +23,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Type
 from torch import nn
 
 from ..utils import Registry
-from .tracer import register_leaf_predicate
+from .graph_utils import linear_types, matches_any
+from .tracer import register_container, register_leaf, register_leaf_predicate
 
 __all__ = ["CLType", "Symbol", "ConcatSymbol", "SymInfo", "SymMap", "register_sym_info"]
 
@@ -135,7 +136,6 @@ class SymInfo:
 SymInfoFn = Callable[[nn.Module], SymInfo]
 _BY_TYPE: Registry[SymInfoFn] = Registry("symbol rule")
 _BY_PREDICATE: List[Tuple[Callable[[nn.Module], bool], SymInfoFn]] = []
-_NOT_LEAF: Set[type] = set()
 
 
 def register_sym_info(*types: Type[nn.Module], leaf: bool = True, predicate: Optional[Callable[[nn.Module], bool]] = None):
@@ -150,28 +150,17 @@ def register_sym_info(*types: Type[nn.Module], leaf: bool = True, predicate: Opt
     def add(fn: SymInfoFn) -> SymInfoFn:
         for t in types:
             _BY_TYPE.register(t, fn, overwrite=True)
-            if not leaf:
-                _NOT_LEAF.add(t)
         if predicate is not None:
             _BY_PREDICATE.append((predicate, fn))
-            if leaf:
+        if leaf:
+            register_leaf(*types)
+            if predicate is not None:
                 register_leaf_predicate(predicate)
-            else:
-                _CONTAINER_PREDICATES.append(predicate)
-        if leaf and types:
-            register_leaf_predicate(lambda m, ts=tuple(types): isinstance(m, ts))
+        else:
+            register_container(*types, predicate=predicate)
         return fn
 
     return add
-
-
-def is_container_rule(module: nn.Module) -> bool:
-    """Registered with leaf=False (Sequential, attention): always traced through."""
-    return any(cls in _NOT_LEAF for cls in type(module).__mro__) or any(
-        pred(module) for pred in _CONTAINER_PREDICATES)
-
-
-_CONTAINER_PREDICATES: List[Callable[[nn.Module], bool]] = []
 
 
 def sym_info_rule(module: nn.Module) -> Optional[SymInfoFn]:
@@ -179,11 +168,8 @@ def sym_info_rule(module: nn.Module) -> Optional[SymInfoFn]:
         if cls in _BY_TYPE:
             return _BY_TYPE.get(cls)
     for pred, fn in _BY_PREDICATE:
-        try:
-            if pred(module):
-                return fn
-        except Exception:  # noqa: BLE001 - a predicate that fails does not match
-            continue
+        if matches_any((pred,), module):
+            return fn
     return None
 
 
@@ -377,7 +363,7 @@ def _sequential(m: nn.Sequential) -> SymInfo:
 
 
 def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+    return isinstance(m, linear_types()[1:])
 
 
 @register_sym_info(predicate=_is_conv1d)

@@ -9,25 +9,33 @@ ends the trace.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type
 
 from torch import fx, nn
 
-__all__ = ["RobustTracer", "TraceFailure", "register_leaf", "unregister_leaf", "is_registered_leaf", "LEAF_TYPES"]
+from .graph_utils import matches_any
+
+__all__ = ["RobustTracer", "TraceFailure", "register_leaf", "unregister_leaf", "is_registered_leaf", "register_container", "LEAF_TYPES"]
 
 LEAF_TYPES: Set[Type[nn.Module]] = set()
 """Module types traced as one node (subclasses included)."""
 LEAF_PREDICATES: List[Callable[[nn.Module], bool]] = []
 """Tests that make a module a leaf (e.g. Hugging Face RMSNorm classes, matched by shape)."""
+CONTAINER_TYPES: Set[Type[nn.Module]] = set()
+CONTAINER_PREDICATES: List[Callable[[nn.Module], bool]] = []
+"""Modules always traced through, even when a leaf rule matches (Sequential, attention)."""
+
+
+def _check_types(types) -> None:
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"expected nn.Module subclasses, got {t!r}")
 
 
 def register_leaf(*types: Type[nn.Module]) -> None:
     """Declare module types (and their subclasses) leaves: never traced through."""
-    for t in types:
-        if not (isinstance(t, type) and issubclass(t, nn.Module)):
-            raise TypeError(f"register_leaf expects nn.Module subclasses, got {t!r}")
-        LEAF_TYPES.add(t)
+    _check_types(types)
+    LEAF_TYPES.update(types)
 
 
 def unregister_leaf(*types: Type[nn.Module]) -> None:
@@ -40,16 +48,24 @@ def register_leaf_predicate(predicate: Callable[[nn.Module], bool]) -> None:
     LEAF_PREDICATES.append(predicate)
 
 
+def register_container(*types: Type[nn.Module], predicate: Optional[Callable[[nn.Module], bool]] = None) -> None:
+    """Declare modules that are always traced through (their insides matter to the analysis)."""
+    _check_types(types)
+    CONTAINER_TYPES.update(types)
+    if predicate is not None:
+        CONTAINER_PREDICATES.append(predicate)
+
+
 def is_registered_leaf(module: nn.Module) -> bool:
     if LEAF_TYPES and isinstance(module, tuple(LEAF_TYPES)):
         return True
-    for pred in LEAF_PREDICATES:
-        try:
-            if pred(module):
-                return True
-        except Exception:  # noqa: BLE001 - a predicate that fails does not match
-            continue
-    return False
+    return matches_any(LEAF_PREDICATES, module)
+
+
+def is_container(module: nn.Module) -> bool:
+    if CONTAINER_TYPES and isinstance(module, tuple(CONTAINER_TYPES)):
+        return True
+    return matches_any(CONTAINER_PREDICATES, module)
 
 
 def is_default_leaf(module: nn.Module) -> bool:
@@ -61,9 +77,7 @@ def is_default_leaf(module: nn.Module) -> bool:
 
 def is_leaf(module: nn.Module) -> bool:
     """The leaf rule shared by the FX tracer and the torch.export normalisation."""
-    from .symbols import is_container_rule
-
-    if is_container_rule(module):
+    if is_container(module):
         return False
     return is_registered_leaf(module) or is_default_leaf(module)
 
@@ -141,7 +155,3 @@ class RobustTracer(fx.Tracer):
                 self.failures[name] = msg
                 self._failed_ids.add(id(module))
         raise TraceFailure(f"trace did not become stable after {self.max_retries} retries")
-
-
-def forward_signature(module: nn.Module) -> inspect.Signature:
-    return inspect.signature(module.forward)

@@ -225,10 +225,10 @@ def test_user_registered_symbols():
     assert sm.symbol("0.out_features").is_searchable
     # Without the rule, the raw parameter multiply fixes the width.
     from modelopt_lite.trace import symbols as symbols_mod
-    from modelopt_lite.trace import tracer as tracer_mod
+    from modelopt_lite.trace import unregister_leaf
 
     symbols_mod._BY_TYPE.unregister(Scale)
-    tracer_mod.LEAF_PREDICATES.pop()
+    unregister_leaf(Scale)
     sm = analyze_symbols(model)
     assert sm.symbol("0.out_features").is_constant
 
