@@ -15,16 +15,18 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import fx, nn
 
 from .collection import GraphCollection, recursive_trace
-from .symbols import CLType, ConcatSymbol, Symbol, SymMap, attention_dims
+from .dims import (
+    _ELEMENTWISE, _PASS, _PASS_MODULES, _POOL_MODULES, _REDUCE, _SIZE_QUERIES, BCAST, _broadcasts, _drop_dims,
+    _leaves, _map_args, _opaque, _out, _shape_of, _TVal,
+)
+from .graph_utils import op_name
+from .layout_rules import LayoutRules
+from .symbols import CLType, ConcatSymbol, Symbol, SymMap
 
 __all__ = ["analyze_symbols"]
-
-BCAST = "bcast"  # a dimension known to be of size 1
-
 
 class _UnionFind:
     def __init__(self):
@@ -52,71 +54,7 @@ class _UnionFind:
             self.parent[rb] = ra
 
 
-class _TVal:
-    """What the walk knows about a tensor: its rank (if known), and symbols (or BCAST) by negative dim."""
-
-    __slots__ = ("rank", "dims", "shape", "origin")
-
-    def __init__(self, rank: Optional[int] = None, dims: Optional[Dict[int, Any]] = None, shape=None):
-        self.rank = rank
-        self.dims: Dict[int, Any] = dict(dims or {})
-        self.shape = shape  # tuple of int | str (symbolic) | None when known
-        self.origin = ""  # "model input" for graph inputs
-
-    def symbols(self) -> List[Symbol]:
-        return [v for v in self.dims.values() if isinstance(v, Symbol)]
-
-    def neg(self, d: int) -> Optional[int]:
-        if d < 0:
-            return d
-        return d - self.rank if self.rank is not None else None
-
-
-def _op_name(node: fx.Node) -> str:
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    if isinstance(t, torch._ops.OpOverload):
-        return t.overloadpacket.__name__
-    if isinstance(t, torch._ops.OpOverloadPacket):
-        return t.__name__
-    return getattr(t, "__name__", str(t))
-
-
-_PASS = {
-    "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "dropout", "dropout_", "contiguous", "clone", "to",
-    "type", "float", "half", "bfloat16", "double", "alias", "detach", "neg", "abs", "rsqrt", "sqrt", "exp", "log",
-    "softmax", "log_softmax", "_softmax", "hardtanh", "hardtanh_", "leaky_relu", "elu", "hardswish", "relu6", "mish",
-    "_to_copy", "erf", "square", "reciprocal", "sin", "cos", "clamp", "clamp_min", "clamp_max", "hardsigmoid",
-    "gelu_", "celu", "selu", "softplus", "logsigmoid", "_assert_tensor_metadata", "cpu", "cuda", "requires_grad_",
-    "feature_dropout", "alpha_dropout", "native_dropout", "lift_fresh_copy", "copy", "masked_fill", "masked_fill_",
-    "pow", "__pow__",
-}
-_ELEMENTWISE = {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "floordiv", "iadd", "imul", "isub",
-    "maximum", "minimum", "rsub", "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__", "where",
-    "fmod", "remainder", "addcmul", "lerp", "eq", "ne", "gt", "lt", "ge", "le", "logical_and", "logical_or",
-    "__and__", "__or__", "and_", "or_",
-}
-_SIZE_QUERIES = {"getattr", "size", "dim", "numel", "sym_size", "sym_numel", "_assert_scalar", "sym_constrain_range_for_size"}
-_REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "norm", "prod", "logsumexp", "max", "min", "argmax", "argmin"}
-_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample)
-_PASS_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                 nn.Dropout3d, nn.AlphaDropout, nn.Softmax, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6,
-                 nn.ELU, nn.Mish, nn.Softplus) + _POOL_MODULES
-
-
-def _shape_of(node: Any) -> Optional[Tuple[Any, ...]]:
-    """Sizes from the node's metadata: ints, or the symbolic size's expression as a string."""
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if isinstance(val, torch.Tensor):
-        return tuple(int(s) if isinstance(s, int) else str(s) for s in val.shape)
-    return None
-
-
-class _Walker:
+class _Walker(LayoutRules):
     def __init__(self, symmap: SymMap, gc: GraphCollection):
         self.symmap = symmap
         self.gc = gc
@@ -137,7 +75,7 @@ class _Walker:
             self.reasons.setdefault(root, reason)
 
     def disable_all(self, vals, reason: str) -> None:
-        for v in _flatten(vals):
+        for v in _leaves(vals):
             if isinstance(v, _TVal):
                 for s in v.symbols():
                     self.disable(s, reason)
@@ -154,14 +92,13 @@ class _Walker:
     # --- graph walk -----------------------------------------------------------
     def walk(self, prefix: str, root: nn.Module, graph: fx.Graph) -> None:
         env: Dict[fx.Node, Any] = {}
-        self.env = env
         for node in graph.nodes:
             try:
                 env[node] = self.visit(node, env, prefix, root)
             except Exception as e:  # noqa: BLE001 - an op the rules trip over is a boundary
                 self.disable_all([env.get(a) for a in node.all_input_nodes], f"{node.name}: {type(e).__name__}")
-                env[node] = _TVal(shape=_shape_of(node), rank=_rank(node))
-        self._sequential_depth(prefix, root, graph, env)
+                env[node] = _opaque(_shape_of(node))
+        self._record_module_io(prefix, graph, env)
 
     def visit(self, node: fx.Node, env, prefix: str, root: nn.Module):
         shape = _shape_of(node)
@@ -170,7 +107,7 @@ class _Walker:
             t.origin = "model input" if prefix == "" else f"input of {prefix}"
             return t
         if node.op == "get_attr":
-            return self._fixed(shape, node)
+            return self._fixed(shape)
         if node.op == "output":
             self.disable_all(_map_args(node.args, env), "model output" if prefix == "" else f"output of {prefix}")
             return None
@@ -178,10 +115,10 @@ class _Walker:
         kwargs = _map_args(node.kwargs, env)
         if node.op == "call_module":
             return self.call_module(node, args, kwargs, prefix, root, shape)
-        name = _op_name(node)
-        tensors = [a for a in _flatten(args) if isinstance(a, _TVal)]
+        name = op_name(node)
+        tensors = [a for a in _leaves(args) if isinstance(a, _TVal)]
         if not tensors:
-            return _TVal(shape=shape, rank=len(shape) if shape else None) if shape is not None else None
+            return _opaque(shape) if shape is not None else None
         x = args[0] if args and isinstance(args[0], _TVal) else tensors[0]
         if name in _SIZE_QUERIES:
             return None  # sizes, not tensors
@@ -202,7 +139,7 @@ class _Walker:
         if name in ("unsqueeze", "squeeze"):
             return self.unsqueeze(node, x, args, shape, name)
         if name in ("expand", "expand_as", "repeat", "broadcast_to"):
-            return self.expand(x, shape, tensors, node)
+            return self.expand(x, shape)
         if name in ("cat", "concat", "concatenate"):
             return self.cat(node, args, kwargs, shape)
         if name in ("matmul", "bmm", "__matmul__"):
@@ -212,9 +149,9 @@ class _Walker:
             return self.sdpa(tensors[:3], shape, mask if isinstance(mask, _TVal) else None)
         # Unknown op: a boundary for every symbol that enters it.
         self.disable_all(tensors, f"op {name}")
-        return _TVal(shape=shape, rank=len(shape) if shape else None)
+        return _opaque(shape)
 
-    def _fixed(self, shape, node) -> _TVal:
+    def _fixed(self, shape) -> _TVal:
         if shape is None:
             return _TVal()
         rank = len(shape)
@@ -226,10 +163,10 @@ class _Walker:
         full = f"{prefix}.{path}" if prefix else path
         module = root.get_submodule(path)
         x = args[0] if args and isinstance(args[0], _TVal) else None
-        tensors = [a for a in _flatten(list(args) + list(kwargs.values())) if isinstance(a, _TVal)]
+        tensors = [a for a in _leaves(list(args) + list(kwargs.values())) if isinstance(a, _TVal)]
         if self.gc.is_failed(module):
             self.disable_all(tensors, f"{full} could not be traced")
-            return _TVal(shape=shape, rank=len(shape) if shape else None)
+            return _opaque(shape)
         info = self.info(module)
         if info is None:
             if isinstance(module, _PASS_MODULES) and x is not None:
@@ -238,9 +175,9 @@ class _Walker:
                     out.dims = {d: v for d, v in out.dims.items() if isinstance(v, Symbol) and self._is_channel(d, out)}
                 return out
             if isinstance(module, nn.Flatten) and x is not None:
-                return self._flatten(x, module.start_dim, module.end_dim, shape)
+                return self._leaves(x, module.start_dim, module.end_dim, shape)
             self.disable_all(tensors, f"module {full} ({type(module).__name__}) has no symbol rule")
-            return _TVal(shape=shape, rank=len(shape) if shape else None)
+            return _opaque(shape)
         if x is None:
             self.disable_all(tensors, f"{full}: no tensor input")
             return _TVal(shape=shape)
@@ -330,169 +267,12 @@ class _Walker:
         dims = [dims] if isinstance(dims, int) else list(dims)
         negs = [x.neg(d) for d in dims]
         if any(d is None for d in negs):
-            return _TVal(shape=shape, rank=len(shape) if shape else None)
+            return _opaque(shape)
         out = _TVal(rank=x.rank, dims=dict(x.dims), shape=shape)
         for d in negs:
             out.dims[d] = BCAST
         if not keep:
             out = _drop_dims(out, negs, shape)
-        return out
-
-    def slice(self, node, x: _TVal, args, kwargs, shape, name) -> _TVal:
-        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        d = x.neg(dim) if isinstance(dim, int) else None
-        if d is None:
-            self.disable_all([x], f"{node.name}: {name} of unknown rank")
-            return _TVal(shape=shape, rank=len(shape) if shape else None)
-        full = name == "slice" and shape is not None and x.shape is not None and shape[d] == x.shape[d] and shape[d] is not None
-        out = _TVal(rank=x.rank, dims=dict(x.dims), shape=shape)
-        if not full:
-            self.disable(x.dims.get(d), f"{node.name}: {name} along the dimension")
-            out.dims.pop(d, None)
-        if name == "select":
-            out = _drop_dims(out, [d], shape)
-        return out
-
-    def getitem(self, node, args, shape):
-        src, idx = args[0], args[1]
-        if isinstance(src, (list, tuple)):
-            return src[idx] if isinstance(idx, int) and idx < len(src) else None
-        if not isinstance(src, _TVal):
-            return None
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if all(i is Ellipsis or i is None or isinstance(i, (int, slice)) for i in idx) and sum(i is Ellipsis for i in idx) <= 1:
-            # Basic indexing: map every input dim to its output position, fix sliced dims.
-            if Ellipsis not in idx:
-                idx = idx + (Ellipsis,)
-            e = idx.index(Ellipsis)
-            before, after = idx[:e], idx[e + 1:]
-            out_rank = len(shape) if shape is not None else None
-            out = _TVal(rank=out_rank, shape=shape)
-            # From the end: dims after the ellipsis, then the ellipsis dims keep their negative index.
-            n_after_out = sum(1 for i in after if not isinstance(i, int))
-            d_in = -1
-            d_out = -1
-            for i in reversed(after):
-                if i is None:
-                    d_out -= 1
-                    continue
-                v = src.dims.get(d_in)
-                if isinstance(i, int) or i != slice(None):
-                    self.disable(v, f"{node.name}: indexing along the dimension")
-                if not isinstance(i, int):
-                    if isinstance(v, Symbol) and i == slice(None):
-                        out.dims[d_out] = v
-                    d_out -= 1
-                d_in -= 1
-            consumed_before = sum(1 for i in before if i is not None)
-            for d, v in src.dims.items():
-                if d > d_in:
-                    continue
-                if src.rank is not None and d - (-src.rank) < consumed_before:
-                    # A dim indexed before the ellipsis.
-                    pos = d + src.rank
-                    item = [i for i in before if i is not None][pos]
-                    if item != slice(None):
-                        self.disable(v, f"{node.name}: indexing along the dimension")
-                        continue
-                    if out_rank is not None:
-                        out.dims[pos - out_rank + sum(1 for i in before[:pos + 1] if i is None)] = v
-                    continue
-                if src.rank is None and consumed_before and isinstance(v, Symbol):
-                    self.disable(v, f"{node.name}: indexing of unknown rank")
-                    continue
-                out.dims[d - (d_in + 1) + (d_out + 1)] = v
-            del n_after_out
-            return out
-        self.disable_all([src], f"{node.name}: indexing")
-        return _TVal(shape=shape, rank=len(shape) if shape else None)
-
-    def permute(self, node, x: _TVal, args, shape, name) -> _TVal:
-        rank = x.rank if x.rank is not None else (len(shape) if shape else None)
-        if name == "t":
-            perm = [1, 0] if rank in (None, 2) else None
-            rank = 2
-        elif name == "permute":
-            perm = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
-        else:
-            if rank is None and not (args[1] < 0 and args[2] < 0):
-                self.disable_all([x], f"{node.name}: transpose of unknown rank")
-                return _TVal(shape=shape)
-            perm = None
-            a, b = args[1], args[2]
-        if rank is None and name == "permute":
-            self.disable_all([x], f"{node.name}: permute of unknown rank")
-            return _TVal(shape=shape)
-        out = _TVal(rank=rank, shape=shape)
-        if name in ("transpose", "swapaxes"):
-            a, b = x.neg(a), x.neg(b)
-            if rank is None:
-                a, b = args[1], args[2]
-            mapping = {a: b, b: a}
-            for d, v in x.dims.items():
-                out.dims[mapping.get(d, d)] = v
-            return out
-        if perm is None or rank is None:
-            self.disable_all([x], f"{node.name}: unsupported permute")
-            return _TVal(shape=shape)
-        for new_i, old_i in enumerate(perm):
-            old = old_i - rank if old_i >= 0 else old_i
-            if old in x.dims:
-                out.dims[new_i - rank] = x.dims[old]
-        return out
-
-    def unsqueeze(self, node, x: _TVal, args, shape, name) -> _TVal:
-        d = args[1] if len(args) > 1 else None
-        if name == "squeeze" and isinstance(d, int) and x.rank is not None:
-            nd = x.neg(d)
-            if x.shape is not None and x.shape[nd] != 1:
-                return _out(x, shape)  # squeeze of a dim that is not 1: no-op
-            return _drop_dims(_TVal(rank=x.rank, dims={k: v for k, v in x.dims.items() if k != nd}), [nd], shape)
-        if name == "unsqueeze" and isinstance(d, int):
-            rank = x.rank + 1 if x.rank is not None else None
-            nd = d if d < 0 else (d - rank if rank is not None else None)
-            if nd is None:
-                self.disable_all([x], f"{node.name}: unsqueeze of unknown rank")
-                return _TVal(shape=shape)
-            out = _TVal(rank=rank, shape=shape)
-            for k, v in x.dims.items():
-                out.dims[k if k > nd else k - 1] = v
-            out.dims[nd] = BCAST
-            return out
-        self.disable_all([x], f"{node.name}: squeeze")
-        return _TVal(shape=shape)
-
-    def expand(self, x: _TVal, shape, tensors, node) -> _TVal:
-        if shape is None:
-            out = _out(x, None)
-            out.dims = {d: v for d, v in x.dims.items() if isinstance(v, Symbol)}
-            out.rank = None
-            return out
-        out = _realign(x, shape)
-        out.dims = {d: v for d, v in out.dims.items() if isinstance(v, Symbol) or shape[d] == 1}
-        return out
-
-    def cat(self, node, args, kwargs, shape) -> _TVal:
-        parts = args[0]
-        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        if not isinstance(parts, (list, tuple)) or not all(isinstance(p, _TVal) for p in parts) or not isinstance(dim, int):
-            self.disable_all(parts, f"{node.name}: concat")
-            return _TVal(shape=shape)
-        rank = next((p.rank for p in parts if p.rank is not None), len(shape) if shape else None)
-        nd = dim if dim < 0 else (dim - rank if rank is not None else None)
-        if nd is None:
-            self.disable_all(parts, f"{node.name}: concat of unknown rank")
-            return _TVal(shape=shape)
-        out = self.elementwise([_without(p, nd) for p in parts], shape, node)
-        out.rank = rank
-        syms = [p.dims.get(nd) if isinstance(p.dims.get(nd), Symbol) else None for p in parts]
-        if any(s is not None for s in syms):
-            size = shape[nd] if shape is not None else None
-            c = ConcatSymbol(syms, size=size)
-            c.name = f"concat:{node.name}"
-            self.uf.add(c)
-            self.concats.append(c)
-            out.dims[nd] = c
         return out
 
     def matmul(self, tensors, shape) -> _TVal:
@@ -537,147 +317,8 @@ class _Walker:
             out.dims.pop(-1, None)
         return out
 
-    def _flatten(self, x: _TVal, start: int, end: int, shape) -> _TVal:
-        rank = x.rank
-        s, e = x.neg(start), x.neg(end)
-        if s is None or e is None:
-            self.disable_all([x], "flatten of unknown rank")
-            return _TVal(rank=start + 1 if end == -1 else None, shape=shape)
-        return self._merge(x, list(range(s, e + 1)), shape, rank - (e - s))
-
-    def _merge(self, x: _TVal, span: List[int], shape, new_rank) -> _TVal:
-        """Merge dims `span` (negative, ascending) into one."""
-        syms = [x.dims.get(d) for d in span]
-        real = [s for s in syms if isinstance(s, Symbol)]
-        out = _TVal(rank=new_rank, shape=shape)
-        last = span[-1]
-        for d, v in x.dims.items():
-            if d < span[0]:
-                out.dims[d + (len(span) - 1)] = v
-            elif d > last:
-                out.dims[d] = v
-        new_d = last
-        if real:
-            out.dims[new_d] = real[0]
-            for s in real[1:]:
-                self.disable(s, "merged into a wider dimension")
-        return out
-
-    def reshape(self, node, x: _TVal, args, shape, prefix, root, name) -> _TVal:
-        if name == "flatten":
-            start = args[1] if len(args) > 1 else 0
-            end = args[2] if len(args) > 2 else -1
-            return self._flatten(x, start, end, shape)
-        target = shape
-        if target is None:
-            spec = args[1:] if not (len(args) == 2 and isinstance(args[1], (list, tuple))) else args[1]
-            target = tuple(s if isinstance(s, int) else None for s in spec)
-        in_shape = x.shape
-        if in_shape is None and x.rank is None and len(target) >= 2 and isinstance(target[-1], int):
-            # Rank unknown (no example inputs): a split of the last dim into (..., a, b).
-            sym = x.dims.get(-1)
-            b = target[-1]
-            if isinstance(sym, Symbol) and sym.size and b > 0 and sym.size % b == 0:
-                x = _TVal(rank=len(target) - 1, dims=x.dims)
-        if in_shape is None and x.rank is not None:
-            in_shape = tuple(v.size if isinstance(v, Symbol) else (1 if v == BCAST else None)
-                             for v in (x.dims.get(i - x.rank) for i in range(x.rank)))
-        if in_shape is None:
-            self.disable_all([x], f"{node.name}: reshape of unknown shape")
-            return _TVal(rank=len(target), shape=shape)
-        return self._reshape(node, x, tuple(in_shape), tuple(target), shape, prefix, root)
-
-    def _reshape(self, node, x: _TVal, ins, outs, shape, prefix, root) -> _TVal:
-        n_in, n_out = len(ins), len(outs)
-        out = _TVal(rank=n_out, shape=shape)
-        # Common prefix (same size, or both unknown at the front) and common suffix.
-        i = 0
-        while i < min(n_in, n_out) - 1 and _same(ins[i], outs[i]) and not isinstance(x.dims.get(i - n_in), Symbol):
-            out.dims.pop(i - n_out, None)
-            if x.dims.get(i - n_in) == BCAST:
-                out.dims[i - n_out] = BCAST
-            i += 1
-        j = 0
-        while j < min(n_in, n_out) - i and ins[n_in - 1 - j] == outs[n_out - 1 - j] and ins[n_in - 1 - j] is not None:
-            v = x.dims.get(-1 - j)
-            if v is not None:
-                out.dims[-1 - j] = v
-            j += 1
-        mid_in = list(range(i - n_in, -j)) if j else list(range(i - n_in, 0))
-        mid_out = list(range(i - n_out, -j)) if j else list(range(i - n_out, 0))
-        mid_in_v = [x.dims.get(d) for d in mid_in]
-        mid_in_sizes = [ins[d] for d in mid_in]
-        mid_out_sizes = [outs[d] for d in mid_out]
-        sym_in = [(d, v) for d, v in zip(mid_in, mid_in_v) if isinstance(v, Symbol)]
-        # Drop size-1 dims on both sides.
-        keep_in = [(d, s) for d, s in zip(mid_in, mid_in_sizes) if s != 1]
-        keep_out = [(d, s) for d, s in zip(mid_out, mid_out_sizes) if s != 1]
-        for d, s in zip(mid_out, mid_out_sizes):
-            if s == 1:
-                out.dims[d] = BCAST
-        if not sym_in:
-            return out
-        if len(keep_in) == 1 and len(keep_out) == 1:  # pure pass-through of one dim
-            out.dims[keep_out[0][0]] = x.dims[keep_in[0][0]] if keep_in[0][0] in x.dims else None
-            return out
-        if len(keep_in) == 1 and len(keep_out) == 2 and len(sym_in) == 1:  # split into heads
-            sym = sym_in[0][1]
-            (d_a, a), (d_b, b) = keep_out
-            a = a if isinstance(a, int) and a > 0 else None
-            b = b if isinstance(b, int) and b > 0 else None
-            size = sym.size if sym.size is not None else keep_in[0][1]
-            if a is None and b and size and size % b == 0:
-                a = size // b
-            heads = self._head_symbols(node, prefix, root, a, b)
-            if heads is not None:
-                h_sym, hd_sym = heads
-                self.link(sym, h_sym)
-                out.dims[d_a] = sym
-                out.dims[d_b] = hd_sym
-                return out
-            self.disable(sym, f"{node.name}: split of a dimension")
-            return out
-        if len(keep_out) == 1 and len(keep_in) >= 2:  # merge: the outer symbol carries
-            syms = [x.dims.get(d) for d, _ in keep_in]
-            if isinstance(syms[0], Symbol):
-                out.dims[keep_out[0][0]] = syms[0]
-                for s in syms[1:]:
-                    if isinstance(s, Symbol):
-                        self.disable(s, f"{node.name}: merged into a wider dimension")
-                return out
-        for _, s in sym_in:
-            self.disable(s, f"{node.name}: reshape")
-        return out
-
-    def _head_symbols(self, node, prefix, root, a, b):
-        """(heads or kv heads symbol, head_dim symbol) of the attention module around `node`, if sizes match."""
-        stack = node.meta.get("nn_module_stack") or {}
-        for val in reversed(list(stack.values())):
-            if not isinstance(val, tuple):
-                continue
-            path = val[0]
-            try:
-                module = root.get_submodule(path) if path else root
-            except AttributeError:
-                continue
-            info = self.info(module)
-            if info is None or "num_heads" not in info or "head_dim" not in info:
-                continue
-            dims = attention_dims(module) if not isinstance(module, nn.MultiheadAttention) else None
-            if dims is None:
-                continue
-            heads, kv, hd = dims
-            if b != hd:
-                return None
-            if a == heads:
-                return info["num_heads"], info["head_dim"]
-            if a == kv and "num_kv_heads" in info:
-                return info["num_kv_heads"], info["head_dim"]
-            return None
-        return None
-
     # --- module boundaries -----------------------------------------------------
-    def _sequential_depth(self, prefix, root, graph, env) -> None:
+    def _record_module_io(self, prefix, graph, env) -> None:
         """Record (input, output) tensors of every module call with one of each (for Sequential depth)."""
         members: Dict[str, List[fx.Node]] = {}
         for node in graph.nodes:
@@ -694,73 +335,6 @@ class _Walker:
             outs = [n for n in nodes if any(u not in mset for u in n.users)]
             if len(ins) == 1 and len(outs) == 1 and isinstance(env.get(outs[0]), _TVal):
                 self.module_io[full] = (env[next(iter(ins))], env[outs[0]])
-        for module, info in self.symmap.items():
-            if isinstance(module, nn.Sequential) and "depth" in info:
-                self.uf.add(info["depth"])
-
-
-def _same(a, b) -> bool:
-    return a == b and a is not None or (a is None and b is None)
-
-
-def _broadcasts(t: _TVal, d: int) -> bool:
-    if t.rank is not None and d < -t.rank:
-        return True
-    if t.shape is not None and (d < -len(t.shape) or t.shape[d] == 1):
-        return True
-    return t.dims.get(d) == BCAST
-
-
-def _out(x: _TVal, shape) -> _TVal:
-    return _TVal(rank=x.rank if x.rank is not None else (len(shape) if shape else None), dims=x.dims, shape=shape)
-
-
-def _without(t: _TVal, d: int) -> _TVal:
-    return _TVal(rank=t.rank, dims={k: v for k, v in t.dims.items() if k != d}, shape=None)
-
-
-def _drop_dims(t: _TVal, dims: List[int], shape) -> _TVal:
-    out = _TVal(rank=(t.rank - len(dims)) if t.rank is not None else None, shape=shape)
-    for d, v in t.dims.items():
-        if d in dims:
-            continue
-        shift = sum(1 for r in dims if r > d)
-        out.dims[d + shift] = v
-    return out
-
-
-def _realign(x: _TVal, shape) -> _TVal:
-    """Map dims of x onto a new known shape of possibly larger rank (unsqueeze/expand), from the right."""
-    out = _TVal(rank=len(shape), shape=shape)
-    for d, v in x.dims.items():
-        out.dims[d] = v
-    return out
-
-
-def _rank(node) -> Optional[int]:
-    s = _shape_of(node)
-    return len(s) if s is not None else None
-
-
-def _map_args(a, env):
-    if isinstance(a, fx.Node):
-        return env.get(a)
-    if isinstance(a, (list, tuple)):
-        return type(a)(_map_args(x, env) for x in a) if not hasattr(a, "_fields") else tuple(_map_args(x, env) for x in a)
-    if isinstance(a, dict):
-        return {k: _map_args(v, env) for k, v in a.items()}
-    return a
-
-
-def _flatten(a):
-    if isinstance(a, (list, tuple)):
-        for x in a:
-            yield from _flatten(x)
-    elif isinstance(a, dict):
-        for x in a.values():
-            yield from _flatten(x)
-    else:
-        yield a
 
 
 def analyze_symbols(model: nn.Module, graphs: Optional[GraphCollection] = None, **trace_kwargs) -> SymMap:
@@ -812,7 +386,6 @@ def _resolve(symmap: SymMap, gc: GraphCollection, w: _Walker) -> None:
     for root, members in sorted(groups.items(), key=lambda kv: uf.order[kv[0]]):
         members.sort(key=lambda s: uf.order[s])
         reason = w.reasons.get(root)
-        named = members
         for s in members:
             s.parent = None
         if reason is not None:
@@ -830,8 +403,8 @@ def _resolve(symmap: SymMap, gc: GraphCollection, w: _Walker) -> None:
                 for s in members[1:]:
                     s.link_to(members[0])
         # Concat symbols depend on their parts: list them after the parts' groups.
-        if len(named) > 1 or not isinstance(named[0], ConcatSymbol):
-            symmap.groups.append(named)
+        if len(members) > 1 or not isinstance(members[0], ConcatSymbol):
+            symmap.groups.append(members)
     _depth(symmap, w)
 
 
