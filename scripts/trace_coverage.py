@@ -9,10 +9,10 @@ import time
 import warnings
 
 import torch
-from torch import nn
 
 from modelopt_lite.models.tiny import TINY_MODELS, build_tiny_model
 from modelopt_lite.trace import analyze_symbols, recursive_trace, shared_input_groups
+from modelopt_lite.trace.graph_utils import linear_types
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         entry = graphs.entries()[0]
         fx_root = "fails" if entry.method == "export" else "ok"
         cov, total = graphs.coverage()
-        lin = graphs.coverage((nn.Linear,) + _conv1d())
+        lin = graphs.coverage(linear_types())
         groups = shared_input_groups(graphs)
         kinds = sorted({"q/k/v" if len(g) == 3 else "gate/up" if len(g) == 2 else f"{len(g)} layers" for g in groups})
         searchable = sum(1 for g in symbols.groups if g[0].is_searchable or (g[0].is_dynamic and g[0].parent.is_searchable))
@@ -49,12 +49,6 @@ def main() -> None:
         print(f"| {label} | {fx_root} | {entry.method} | {len(graphs)} | {cov}/{total} | "
               f"{lin[0]}/{lin[1]} | {len(groups)} ({', '.join(kinds) or 'none'}) | {searchable} | {seconds:.1f} | "
               f"{len(fx_only)}, {len(fx_only.failures())} |")
-
-
-def _conv1d():
-    from transformers.pytorch_utils import Conv1D
-
-    return (Conv1D,)
 
 
 if __name__ == "__main__":

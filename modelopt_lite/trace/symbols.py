@@ -196,6 +196,7 @@ class SymMap:
             self._infos[module] = info
             self._names[module] = name
         self.groups: List[List[Symbol]] = []  # filled by analyze_symbols
+        self._by_name: Optional[Dict[str, Symbol]] = None
 
     def __contains__(self, module: nn.Module) -> bool:
         return module in self._infos
@@ -222,9 +223,10 @@ class SymMap:
                 yield sym.name, sym
 
     def symbol(self, name: str) -> Symbol:
-        for n, s in self.named_symbols():
-            if n == name:
-                return s
+        if self._by_name is None:
+            self._by_name = dict(self.named_symbols())
+        if name in self._by_name:
+            return self._by_name[name]
         raise KeyError(f"no symbol {name!r}; symbols look like 'layers.0.fc1.out_features'")
 
     def group_of(self, name: str) -> List[Symbol]:

@@ -7,6 +7,7 @@ from torch import nn
 pytest.importorskip("transformers")
 
 from modelopt_lite.models.tiny import TINY_MODELS, build_tiny_model  # noqa: E402
+from modelopt_lite.trace.graph_utils import linear_types  # noqa: E402
 from modelopt_lite.trace import analyze_symbols, example_inputs_for, recursive_trace, residual_writers, shared_input_groups  # noqa: E402
 
 DECODERS = ["llama", "mistral", "qwen2"]
@@ -26,22 +27,16 @@ def traced():
     return get
 
 
-def _linear_types():
-    from transformers.pytorch_utils import Conv1D
-
-    return (nn.Linear, Conv1D)
-
-
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_every_linear_layer_is_in_one_graph(traced, name):
     model, graphs, _ = traced(name)
     assert len(graphs) == 1
     entry = graphs.entries()[0]
     assert entry.module is model and entry.method == "export" and entry.note.startswith("FX failed")
-    covered, total = graphs.coverage(_linear_types())
+    covered, total = graphs.coverage(linear_types())
     assert covered == total and total > 0
     calls = [n.target for n in entry.graph.nodes if n.op == "call_module"]
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, _linear_types())]
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, linear_types())]
     assert set(linear_names) <= set(calls)
 
 
