@@ -21,7 +21,7 @@ import torch
 from .blocks import Blocking, channel_amax, normalize_axes
 from .elements import E4M3, E8M0, ElementFormat, FloatFormat, IntFormat, parse_format
 
-__all__ = ["QuantFormat", "QuantizedTensor", "fake_quant", "quantize", "dequantize", "compute_amax", "TINY_AMAX"]
+__all__ = ["QuantFormat", "QuantizedTensor", "fake_quant", "quantize", "dequantize", "compute_amax", "dequant_scale", "TINY_AMAX"]
 
 TINY_AMAX = 2.0**-24
 """An amax at or below this quantizes every value to zero."""
@@ -191,8 +191,9 @@ def _core(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor]):
             amax = _fit_amax(amax, blocking.scale_shape, "block")
         else:
             amax = _fit_amax(amax, _keep_shape(x, fmt.axis) if fmt.axis is not None else (), "per-tensor/channel")
-        s = _multiplier(blocking.expand(amax) if blocking is not None else amax, elem)
-        return elem.round(xf * s), blocking, {"s": s, "amax": amax}
+        full = blocking.expand(amax) if blocking is not None else amax
+        s = _multiplier(full, elem)
+        return elem.round(xf * s), blocking, {"s": s, "scale": dequant_scale(full, elem), "amax": amax}
 
     if blocking is None:
         raise ValueError("two-level and MX formats need block_sizes")
@@ -219,6 +220,13 @@ def _core(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor]):
     return q, blocking, {"X": X}
 
 
+def dequant_scale(amax: torch.Tensor, elem) -> torch.Tensor:
+    """The float32 dequantization multiplier amax / qmax that checkpoints store (0 where amax is tiny)."""
+    amax = amax.float()
+    qmax = torch.full_like(amax, elem.max_value)
+    return torch.where(amax <= TINY_AMAX, torch.zeros_like(amax), amax / qmax)
+
+
 def _multiplier(amax: torch.Tensor, elem) -> torch.Tensor:
     """s = qmax / amax, or 0 where amax is at or below TINY_AMAX (all values become 0)."""
     qmax = torch.full_like(amax, elem.max_value)  # tensor / tensor: one correctly rounded division
@@ -231,10 +239,8 @@ def _keep_shape(x: torch.Tensor, axis) -> Tuple[int, ...]:
 
 
 def _dequant_values(q: torch.Tensor, fmt: QuantFormat, scales: dict) -> torch.Tensor:
-    if "s" in scales:
-        s = scales["s"]
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        return q / s if isinstance(fmt.element, IntFormat) else q * (1.0 / s)
+    if "scale" in scales:
+        return q * scales["scale"]
     if "sb" in scales:
         return q * (scales["sb"] * scales["s2"])
     return q * scales["X"]
@@ -263,7 +269,7 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor] = N
     if blocking is not None:
         codes = blocking.from_blocks(codes)
     qt = QuantizedTensor(codes=codes, fmt=fmt, dtype=x.dtype)
-    if "s" in scales:
+    if "scale" in scales:
         qt.amax = scales["amax"]
     elif "sb" in scales:
         qt.block_scale = E4M3.encode(scales["sb"].reshape(blocking.scale_shape))
@@ -282,7 +288,7 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
         q = blocking.to_blocks(q)
     if fmt.scale is None:
         amax = blocking.expand(qt.amax) if blocking is not None else qt.amax
-        scales = {"s": _multiplier(amax, fmt.element)}
+        scales = {"scale": dequant_scale(amax, fmt.element)}
     elif fmt.scale is E4M3:
         scales = {"sb": blocking.expand(E4M3.decode(qt.block_scale)), "s2": qt.global_scale}
     else:

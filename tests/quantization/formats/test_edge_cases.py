@@ -52,20 +52,17 @@ SINGLE_LEVEL = [
 ]
 
 
-def _saturated(qlim, s, is_int):
-    """Value of the grid end qlim after dequantization: q / s for INT, q * (1 / s) for floats."""
-    q, s = torch.tensor(float(qlim)), torch.tensor(s)
-    return (q / s if is_int else q * (1.0 / s)).item()
+def _saturated(qlim, amax, qmax):
+    """Value of the grid end qlim after dequantization: q * scale with scale = amax / qmax."""
+    return (torch.tensor(float(qlim)) * (torch.tensor(float(amax)) / torch.tensor(float(qmax)))).item()
 
 
 @pytest.mark.parametrize("case", SINGLE_LEVEL, ids=[c[0] for c in SINGLE_LEVEL])
 def test_per_tensor_saturation_beyond_amax_and_inf(case, device):
     _, kwargs, qmax, qmin = case
     fmt = QuantFormat.create(**kwargs)
-    is_int = isinstance(fmt.element, IntFormat)
     amax = torch.tensor(2.0, device=device)
-    s = float(qmax) / 2.0  # exact: amax is a power of two
-    hi, lo = _saturated(qmax, s, is_int), _saturated(qmin, s, is_int)
+    hi, lo = _saturated(qmax, 2.0, qmax), _saturated(qmin, 2.0, qmax)
     # +-10 is beyond the grid ends for every format here (INT2: 10 * s = 5 > 1, -5 < -2)
     x = torch.tensor([10.0, 1e30, INF, -10.0, -1e30, -INF], device=device)
     if fmt.element.kind == "int" and fmt.element.unsigned:

@@ -285,7 +285,7 @@ def test_int_ties_to_even_after_scaling(bits, device):
     # Same with a non-unit scale: amax = 2 * qmax gives s = 1/2, so x = 1, 3, 5 are the ties.
     y = torch.tensor([1.0, 3.0, 5.0, -1.0, -3.0], device=device)
     out = fake_quant(y, fmt, torch.tensor(2.0 * qmax, device=device)).cpu()
-    # q = round(0.5, 1.5, 2.5, ...) = 0, 2, 2; out = q / s = 2q
+    # q = round(0.5, 1.5, 2.5, ...) = 0, 2, 2; out = q * (amax / qmax) = 2q
     expected = [2 * min(max(v, -qmax - 1), qmax) for v in [0, 2, 2, 0, -2]]
     assert out.tolist() == expected
 

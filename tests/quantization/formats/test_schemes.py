@@ -183,31 +183,32 @@ def test_int8_per_tensor_by_hand(device):
     assert qt.amax.item() == 2.0
     assert qt.codes.cpu().tolist() == [64, -127, 19, 0]
     assert qt.codes.dtype == torch.int8
-    s = torch.tensor(127.0) / torch.tensor(2.0)
-    # out = q / s, computed in float32
-    expected = torch.tensor([64.0, -127.0, 19.0, 0.0]) / s
+    # out = q * (amax / qmax): the float32 scale a checkpoint stores
+    expected = torch.tensor([64.0, -127.0, 19.0, 0.0]) * (torch.tensor(2.0) / torch.tensor(127.0))
     assert torch.equal(fake_quant(x, fmt).cpu(), expected)
 
 
 @pytest.mark.parametrize("num_bits,qmax", [(8, 127.0), ((4, 3), 448.0)], ids=["int8", "fp8"])
-def test_dequant_order_int_divides_fp8_multiplies_reciprocal(num_bits, qmax, device):
-    # Section 3: out = q / s for integers and out = q * (1 / s) for FP8. amax = 10 gives
-    # s = 12.7 (INT8) or 44.8 (E4M3), neither a power of two, so the two orders differ in
-    # the last bit for some q (checked below), and only the specified one may match.
+def test_dequant_multiplies_by_the_checkpoint_scale(num_bits, qmax, device):
+    # Fake quant dequantizes as q * scale with scale = amax / qmax, one float32 division: the
+    # dequantization multiplier a checkpoint stores, so code * weight_scale reproduces the
+    # fake-quant tensor bit for bit. amax = 10 makes the other orders (q / s, q * (1 / s))
+    # differ in the last bit for some q (checked below).
     fmt = QuantFormat.create(num_bits=num_bits)
     x = make_input((256,), device=device, seed=5)
     amax = torch.tensor(10.0)
-    s = torch.tensor(qmax) / amax  # 10 is chosen so that qmax / amax is the same however it is rounded
-    assert torch.equal(s, qmax * amax.reciprocal())
+    s = torch.tensor(qmax) / amax
+    scale = amax / torch.tensor(qmax)
     xc = x.cpu()
     if num_bits == 8:
         q = torch.clamp(torch.round(xc * s), -128, 127)
-        expected, other = q / s, q * (1.0 / s)
     else:
         q = torch.clamp(xc * s, -448, 448).to(torch.float8_e4m3fn).float()
-        expected, other = q * (1.0 / s), q / s
-    assert not torch.equal(expected, other)  # the test can tell the two orders apart
+    expected = q * scale
+    assert not torch.equal(expected, q / s) or not torch.equal(expected, q * (1.0 / s))
     assert torch.equal(fake_quant(x, fmt, amax.to(device)).cpu(), expected)
+    qt = quantize(x, fmt, amax.to(device))
+    assert torch.equal(fmt.element.decode(qt.codes).cpu().float() * scale, expected)
 
 
 @pytest.mark.parametrize("num_bits,qmax", [(8, 127.0), ((4, 3), 448.0)], ids=["int8", "fp8"])
@@ -221,10 +222,11 @@ def test_scale_is_the_float32_quotient_qmax_over_amax(num_bits, qmax, device):
     s = torch.tensor(qmax) / amax
     assert s.item() == {127.0: 42.33333206176758, 448.0: 149.3333282470703}[qmax]
     xc = x.cpu()
+    scale = amax / torch.tensor(qmax)
     if num_bits == 8:
-        expected = torch.clamp(torch.round(xc * s), -128, 127) / s
+        expected = torch.clamp(torch.round(xc * s), -128, 127) * scale
     else:
-        expected = torch.clamp(xc * s, -448, 448).to(torch.float8_e4m3fn).float() * (1.0 / s)
+        expected = torch.clamp(xc * s, -448, 448).to(torch.float8_e4m3fn).float() * scale
     assert torch.equal(fake_quant(x, fmt, amax.to(device)).cpu(), expected)
 
 
