@@ -1,0 +1,598 @@
+"""Saving and restoring the quantization state of a model, without pickle.
+
+The state is what `quantize` (and any later changes) put on a model: which
+layers were converted, every quantizer's attributes, its calibrated amax and
+pre_quant_scale, the shared-input groups, and the config. It is kept apart
+from the model's weights, so a freshly built float model of the same
+architecture can be quantized again exactly:
+
+    mtq.save(model, "out/quant")             # quant_state.json + quant_state.safetensors
+    fresh = build_model()                     # same architecture and weights
+    mtq.restore(fresh, "out/quant")           # same quantizers, same outputs
+
+On disk the state is two files in one directory: ``quant_state.json`` (the
+description: format tag, version, config, layers, quantizer attributes and
+the shape and dtype of every tensor) and ``quant_state.safetensors`` (the
+amax and pre_quant_scale tensors, keyed ``<quantizer name>._amax`` and
+``<quantizer name>._pre_quant_scale``). Neither file holds pickled data.
+
+A restore checks the whole state against the model before changing
+anything: a layer that is missing, of another class or of another weight
+shape, a quantizer the model does not have, or an amax that does not fit the
+layer's weight raises QuantStateMismatch naming the first such layer in
+module order, and leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from .config import QuantizerAttributeConfig, to_format
+from .conversion import name_quantizers, named_quantizers
+from .formats import compute_amax
+from .nn import QUANT_MODULES, QuantModule, register_transformers_layers
+from .tensor_quantizer import TensorQuantizer
+
+__all__ = [
+    "save",
+    "restore",
+    "quant_state_dict",
+    "apply_quant_state",
+    "atomic_directory",
+    "QuantStateError",
+    "QuantStateMismatch",
+    "STATE_FORMAT",
+    "STATE_VERSION",
+    "JSON_FILE",
+    "TENSORS_FILE",
+]
+
+STATE_FORMAT = "modelopt_lite.quant_state"
+STATE_VERSION = 1
+JSON_FILE = "quant_state.json"
+TENSORS_FILE = "quant_state.safetensors"
+
+_TENSOR_ATTRS = {"_amax": "amax", "_pre_quant_scale": "pre_quant_scale"}  # buffer -> TensorQuantizer setter
+_MODEL_ATTRS = {  # meta key -> attribute `quantize` leaves on the model
+    "quant_config": "_modelopt_lite_quant_config",
+    "shared_inputs": "_modelopt_lite_shared_inputs",
+    "residual_writers": "_modelopt_lite_residual_writers",
+}
+
+PathLike = Union[str, os.PathLike]
+
+
+class QuantStateError(ValueError):
+    """A quantization state that cannot be read or is inconsistent in itself."""
+
+
+class QuantStateMismatch(QuantStateError):
+    """A quantization state that does not fit the model it is applied to.
+
+    `layer` is the first mismatching layer (or quantizer) in module order,
+    `detail` what differs there, `count` how many mismatches were found.
+    """
+
+    def __init__(self, layer: str, detail: str, count: int = 1):
+        self.layer, self.detail, self.count = layer, detail, count
+        more = f" (and {count - 1} more mismatch{'es' if count > 2 else ''})" if count > 1 else ""
+        super().__init__(f"quantization state does not match the model at {layer or '<root>'!r}: {detail}{more}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _original_class(module: nn.Module) -> type:
+    return getattr(type(module), "_original_class", type(module))
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _weight_shape(module: nn.Module) -> Optional[List[int]]:
+    w = getattr(module, "weight", None)
+    return list(w.shape) if isinstance(w, torch.Tensor) else None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _tensor_key(quantizer: str, attr: str) -> str:
+    return _join(quantizer, attr)
+
+
+def _is_weight_quantizer(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].endswith("weight_quantizer")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the value is what JSON gives back."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _attrs_to_json(attrs: Dict[str, Any]) -> Dict[str, Any]:
+    """Quantizer attributes as JSON; block_sizes axis keys become strings (validation turns them back into ints)."""
+    out = _plain(dict(attrs))
+    if isinstance(out.get("block_sizes"), dict):
+        out["block_sizes"] = {str(k): v for k, v in out["block_sizes"].items()}
+    return out
+
+
+def _json_copy(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise QuantStateError(f"{what} cannot be stored as JSON: {e}") from None
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+# --------------------------------------------------------------------------- collect
+
+def quant_state_dict(model: nn.Module, include_weight_amax: bool = True) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """The quantization state of `model` as (meta, tensors).
+
+    `meta` is JSON-serialisable; `tensors` maps ``<quantizer>._amax`` and
+    ``<quantizer>._pre_quant_scale`` to CPU copies (amax as stored, float32;
+    pre_quant_scale in its own dtype). Without `include_weight_amax` the
+    amaxes of weight quantizers (quantizers named ``*weight_quantizer``) are
+    left out, for checkpoints that store already-quantized weights.
+    """
+    register_transformers_layers()
+    modules: Dict[str, Dict[str, Any]] = {}
+    unquantized: List[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            modules[name] = {"class": _class_path(_original_class(module)), "weight_shape": _weight_shape(module)}
+        elif type(module) in QUANT_MODULES:
+            unquantized.append(name)
+
+    quantizers: Dict[str, Dict[str, Any]] = {}
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, q in named_quantizers(model):
+        described: Dict[str, Dict[str, Any]] = {}
+        for attr in _TENSOR_ATTRS:
+            t = getattr(q, attr)
+            if t is None or (attr == "_amax" and not include_weight_amax and _is_weight_quantizer(name)):
+                continue
+            tensors[_tensor_key(name, attr)] = t.detach().cpu().clone(memory_format=torch.contiguous_format)
+            described[attr] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+        quantizers[name] = {"attributes": _attrs_to_json(q._attrs), "tensors": described}
+
+    from .. import __version__
+
+    meta: Dict[str, Any] = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "producer": f"modelopt_lite {__version__}",
+        "weight_amax": bool(include_weight_amax),
+    }
+    for key, attr in _MODEL_ATTRS.items():
+        value = getattr(model, attr, None)
+        meta[key] = None if value is None else _json_copy(value, f"model.{attr}")
+    meta["modules"] = modules
+    meta["unquantized_layers"] = unquantized
+    meta["quantizers"] = quantizers
+    return meta, tensors
+
+
+# --------------------------------------------------------------------------- check the state itself
+
+def _check_header(meta: Any) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        tag = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise QuantStateError(f"not a modelopt_lite quantization state (format tag {tag!r}, expected {STATE_FORMAT!r})")
+    version = meta.get("version")
+    if version != STATE_VERSION:
+        raise QuantStateError(
+            f"unsupported quantization state version {version!r}; this modelopt_lite reads version {STATE_VERSION}"
+        )
+    for key, kind in (("modules", dict), ("quantizers", dict), ("unquantized_layers", list)):
+        if not isinstance(meta.get(key), kind):
+            raise QuantStateError(f"quantization state: {key!r} must be a {kind.__name__}, got {type(meta.get(key)).__name__}")
+    for key in ("shared_inputs", "residual_writers"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, list):
+            raise QuantStateError(f"quantization state: {key!r} must be a list or null")
+
+
+def _validated_state(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]):
+    """Per quantizer: (validated attributes, format, {buffer: tensor}); raises QuantStateError."""
+    defaults = QuantizerAttributeConfig().model_dump()
+    out = {}
+    claimed = set()
+    for name, entry in meta["quantizers"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("attributes"), dict):
+            raise QuantStateError(f"quantization state: quantizer {name!r} has no attributes")
+        try:
+            attrs = QuantizerAttributeConfig.model_validate({**defaults, **entry["attributes"]})
+            fmt = to_format(attrs.model_dump())
+        except (ValidationError, ValueError) as e:
+            raise QuantStateError(f"quantization state: quantizer {name!r} has invalid attributes: {e}") from None
+        loaded = {}
+        for attr, spec in (entry.get("tensors") or {}).items():
+            key = _tensor_key(name, attr)
+            if attr not in _TENSOR_ATTRS:
+                raise QuantStateError(f"quantization state: quantizer {name!r} has an unknown tensor {attr!r}")
+            if key not in tensors:
+                raise QuantStateError(f"quantization state: tensor {key!r} is described but not in the tensor file")
+            t = tensors[key]
+            if list(t.shape) != list(spec.get("shape", [])) or _dtype_name(t.dtype) != spec.get("dtype"):
+                raise QuantStateError(
+                    f"quantization state: tensor {key!r} is {_dtype_name(t.dtype)} {_shape_str(t.shape)} in the tensor "
+                    f"file but {spec.get('dtype')} {_shape_str(spec.get('shape', []))} in the description"
+                )
+            if attr == "_amax":
+                tf = t.float()
+                if not bool(torch.isfinite(tf).all()) or bool((tf < 0).any()):
+                    raise QuantStateError(f"quantization state: {key!r} holds negative or non-finite values")
+            claimed.add(key)
+            loaded[attr] = t
+        out[name] = (attrs, fmt, loaded)
+    extra = sorted(set(tensors) - claimed)
+    if extra:
+        raise QuantStateError(f"quantization state: the tensor file holds tensors the description does not name: {extra[:5]}")
+    return out
+
+
+# --------------------------------------------------------------------------- check against the model
+
+def _quantizers_added_by_conversion(module: nn.Module) -> Tuple[List[str], type]:
+    """Names (relative to `module`) of the quantizers converting it would add, and the quantized class.
+
+    Converts a stand-in that shares the layer's parameters and submodules but
+    has its own registration dicts, so the layer itself is not changed.
+    """
+    stand_in = object.__new__(type(module))
+    stand_in.__dict__.update(
+        {k: (v.copy() if isinstance(v, (dict, set, list)) else v) for k, v in module.__dict__.items()}
+    )
+    QuantModule.convert(stand_in)
+    before = {n for n, _ in module.named_modules()}
+    added = [n for n, m in stand_in.named_modules() if isinstance(m, TensorQuantizer) and n not in before]
+    return added, type(stand_in)
+
+
+def _expected_weight_amax_shape(module_cls: type, weight_shape: Optional[List[int]], fmt) -> Optional[torch.Size]:
+    """The amax shape max calibration gives for the layer's weight (on the meta device: no memory)."""
+    if weight_shape is None:
+        return None
+    shape = list(weight_shape)
+    if getattr(module_cls, "weight_axis_last", False) and len(shape) == 2:
+        shape = shape[::-1]
+    try:
+        return compute_amax(torch.empty(shape, device="meta"), fmt).shape
+    except Exception:  # noqa: BLE001 - a format the weight cannot take is reported by the caller
+        return None
+
+
+class _Plan:
+    def __init__(self):
+        self.convert: List[str] = []
+        self.problems: List[Tuple[str, str]] = []
+
+    def add(self, layer: str, detail: str) -> None:
+        self.problems.append((layer, detail))
+
+
+def _owner(name: str, modules: Dict[str, Any]) -> Optional[str]:
+    """The closest enclosing layer of the saved state, if any."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in modules:
+            return prefix
+    return None
+
+
+def _plan(model: nn.Module, meta: Dict[str, Any], checked: Dict[str, Any], strict: bool) -> _Plan:
+    plan = _Plan()
+    present = dict(model.named_modules())
+    saved_modules: Dict[str, Dict[str, Any]] = meta["modules"]
+    quant_classes: Dict[str, type] = {}
+    added: Dict[str, str] = {}  # quantizer created by converting a layer -> that layer
+    usable = set()
+    for name, info in saved_modules.items():
+        module = present.get(name)
+        if module is None:
+            plan.add(name, "the layer is missing from the model")
+            continue
+        saved_cls, cls = info.get("class"), _class_path(_original_class(module))
+        if saved_cls != cls:
+            plan.add(name, f"class {saved_cls} in the saved state vs {cls} in the model")
+            continue
+        saved_shape, shape = info.get("weight_shape"), _weight_shape(module)
+        if saved_shape != shape:
+            plan.add(name, f"weight shape {_describe_shape(saved_shape)} in the saved state vs {_describe_shape(shape)} in the model")
+            continue
+        if isinstance(module, QuantModule):
+            quant_classes[name] = type(module)
+        elif type(module) not in QUANT_MODULES:
+            plan.add(name, f"{cls} is not registered for quantization here (see register_quant_module)")
+            continue
+        else:
+            rel, quant_classes[name] = _quantizers_added_by_conversion(module)
+            added.update({_join(name, r): name for r in rel})
+            plan.convert.append(name)
+        usable.add(name)
+
+    existing = {n for n, _ in named_quantizers(model)}
+    available = existing | set(added)
+    for qname, (attrs, fmt, loaded) in checked.items():
+        owner = _owner(qname, saved_modules)
+        if owner is not None and owner not in usable:
+            continue  # its layer is already reported
+        where = owner if owner is not None else qname
+        if qname not in available:
+            plan.add(where, f"unknown quantizer {qname!r}: the model has no such quantizer")
+            continue
+        amax = loaded.get("_amax")
+        if amax is not None and owner is not None and _is_weight_quantizer(qname) and qname.rsplit(".", 1)[0] == owner:
+            expected = _expected_weight_amax_shape(quant_classes[owner], saved_modules[owner].get("weight_shape"), fmt)
+            if expected is not None and amax.numel() not in (1, expected.numel()):
+                plan.add(where, f"amax shape {_shape_str(amax.shape)} of {qname!r} in the saved state vs "
+                                f"{_shape_str(expected)} for the model's weight")
+
+    if strict:
+        unquantized = set(meta["unquantized_layers"])
+        for name, module in present.items():
+            if name in saved_modules:
+                continue
+            if isinstance(module, QuantModule):
+                plan.add(name, "the layer is quantized in the model but not in the saved state")
+            elif type(module) in QUANT_MODULES and name not in unquantized:
+                plan.add(name, f"the model has this {type(module).__name__} layer but the saved state does not")
+        for name in meta["unquantized_layers"]:
+            if name not in present:
+                plan.add(name, "the layer is missing from the model")
+        for qname in sorted(available - set(checked)):
+            plan.add(added.get(qname, qname), f"quantizer {qname!r} of the model has no saved state")
+    return plan
+
+
+def _describe_shape(shape) -> str:
+    return "none (no weight)" if shape is None else _shape_str(shape)
+
+
+def _first_problem(model: nn.Module, meta: Dict[str, Any], problems: List[Tuple[str, str]]) -> QuantStateMismatch:
+    """The first problem in module order; layers the model lacks sort after the saved layer before them."""
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    saved = list(meta["modules"]) + [n for n in meta["unquantized_layers"] if n not in meta["modules"]]
+    saved_index = {n: i for i, n in enumerate(saved)}
+
+    def key(problem):
+        name = problem[0]
+        if name in order:
+            return (order[name], 0, 0)
+        i = saved_index.get(name, len(saved))
+        before = next((order[p] for p in reversed(saved[:i]) if p in order), -1)
+        return (before, 1, i)
+
+    layer, detail = min(problems, key=key)
+    return QuantStateMismatch(layer, detail, count=len(problems))
+
+
+# --------------------------------------------------------------------------- apply
+
+def _device_for(model: nn.Module, qname: str, q: TensorQuantizer) -> torch.device:
+    for t in (q._amax, q._pre_quant_scale):
+        if t is not None:
+            return t.device
+    parent = model.get_submodule(qname.rsplit(".", 1)[0]) if "." in qname else model
+    ref = next(parent.parameters(recurse=False), None)
+    if ref is None:
+        ref = next(model.parameters(), None)
+    return ref.device if ref is not None else torch.device("cpu")
+
+
+def apply_quant_state(
+    model: nn.Module, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], strict: bool = True
+) -> nn.Module:
+    """Quantize `model` in place to the state `quant_state_dict` gave (meta, tensors); returns the model.
+
+    The layers named in the state are converted (a layer already converted
+    is kept) and every quantizer gets the saved attributes, amax and
+    pre_quant_scale, replacing what it had; the shared-input groups and the
+    config are set on the model. Quantizers restored in quantizing mode
+    (calibration off). A weight amax the state leaves out is cleared: the
+    quantizer then takes it from the weight at run time.
+
+    Everything is checked first: QuantStateError for a state inconsistent
+    in itself, QuantStateMismatch (naming the first mismatching layer in
+    module order) for one that does not fit the model. Either leaves the
+    model unchanged. With `strict` (the default) the model must also have no
+    quantizable layer or quantizer the state does not describe; without it
+    those are left as they are.
+    """
+    _check_header(meta)
+    register_transformers_layers()
+    checked = _validated_state(meta, tensors)
+    plan = _plan(model, meta, checked, strict)
+    if plan.problems:
+        raise _first_problem(model, meta, plan.problems)
+
+    modules = dict(model.named_modules())
+    for name in plan.convert:
+        QuantModule.convert(modules[name])
+    name_quantizers(model)
+    quantizers = dict(named_quantizers(model))
+    weight_amax_saved = bool(meta.get("weight_amax", True))
+    with torch.no_grad():
+        for qname, (attrs, _fmt, loaded) in checked.items():
+            q = quantizers[qname]
+            device = _device_for(model, qname, q)
+            q.set_attributes(attrs)
+            for attr, setter in _TENSOR_ATTRS.items():
+                if attr in loaded:
+                    setattr(q, setter, loaded[attr].to(device))
+                elif attr == "_amax" and not weight_amax_saved and _is_weight_quantizer(qname):
+                    q.amax = None
+                else:
+                    setattr(q, setter, None)
+            q.disable_calib()
+            q.enable_quant()
+            q._warned_uncalibrated = False
+    for key, attr in _MODEL_ATTRS.items():
+        value = meta.get(key)
+        if value is None:
+            if attr in model.__dict__:
+                delattr(model, attr)
+        else:
+            setattr(model, attr, json.loads(json.dumps(value)))
+    return model
+
+
+# --------------------------------------------------------------------------- files
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sibling(target: Path, tag: str) -> Path:
+    return target.with_name(f".{target.name}.{tag}-{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: PathLike, overwrite: bool = False, fsync: bool = True) -> Iterator[Path]:
+    """Write a directory all at once: yields an empty temporary directory beside `target`.
+
+    Write everything into the yielded path; when the block ends without an
+    error it is renamed to `target` (parent directories are created). On an
+    error the temporary directory is removed and `target` is not touched, so
+    no partial output is ever visible at `target`.
+
+    An existing non-empty `target` is refused (FileExistsError) unless
+    `overwrite`; then the whole old directory is replaced, and removed only
+    after the new one is in place. A `target` that is a file is always
+    refused. With `fsync` the files are flushed to disk before the rename.
+    """
+    target = Path(os.path.abspath(os.fspath(target)))
+    if target.parent == target:
+        raise ValueError(f"cannot write a directory over {str(target)!r}")
+
+    def check() -> bool:
+        """True when the target exists (as a directory we may replace)."""
+        if not os.path.lexists(target):
+            return False
+        if not target.is_dir() or target.is_symlink():
+            raise FileExistsError(f"{str(target)!r} exists and is not a directory")
+        if not overwrite and any(target.iterdir()):
+            raise FileExistsError(f"{str(target)!r} exists and is not empty; pass overwrite=True to replace it")
+        return True
+
+    check()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        if fsync:
+            _fsync_tree(tmp)
+        old = None
+        if check():
+            old = _sibling(target, "old")
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if fsync:
+        _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):
+            warnings.warn(f"could not remove the replaced directory {str(old)!r}")
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError("saving and restoring quantization state needs safetensors: pip install safetensors") from None
+    return safetensors.torch
+
+
+def save(model: nn.Module, path: PathLike, overwrite: bool = False, include_weight_amax: bool = True) -> Path:
+    """Write the quantization state of `model` to the directory `path`; returns the path.
+
+    Writes ``quant_state.json`` and ``quant_state.safetensors`` atomically
+    (see `atomic_directory`): an error leaves no partial output. An existing
+    non-empty directory is refused unless `overwrite`, which replaces it
+    whole. The model's weights are not saved.
+    """
+    st = _safetensors()
+    meta, tensors = quant_state_dict(model, include_weight_amax=include_weight_amax)
+    text = json.dumps(meta, indent=1, allow_nan=False)
+    target = Path(path)
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        (tmp / JSON_FILE).write_text(text + "\n", encoding="utf-8")
+        st.save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
+    return target
+
+
+def restore(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
+    """Quantize `model` in place from the state `save` wrote to `path`; returns the model.
+
+    See `apply_quant_state` for what is checked and restored; a state that
+    does not fit the model raises QuantStateMismatch and leaves it unchanged.
+    """
+    st = _safetensors()
+    root = Path(path)
+    for name in (JSON_FILE, TENSORS_FILE):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"no quantization state at {str(root)!r}: {name} is missing")
+    try:
+        meta = json.loads((root / JSON_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QuantStateError(f"{str(root / JSON_FILE)!r} is not valid JSON: {e}") from None
+    _check_header(meta)
+    try:
+        tensors = st.load_file(str(root / TENSORS_FILE))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise QuantStateError(f"{str(root / TENSORS_FILE)!r} cannot be read: {type(e).__name__}: {e}") from None
+    return apply_quant_state(model, meta, tensors, strict=strict)
