@@ -39,7 +39,9 @@ def quantize(
     With `share_input_amax` (the default), layers that read the same
     activation (q/k/v, gate/up: found in the model's graph) end with one
     input amax, the largest of theirs, as fused QKV and gate-up kernels and
-    checkpoints need. The groups are kept in ``model._modelopt_lite_shared_inputs``.
+    checkpoints need; their per-tensor weight amaxes (FP8, and NVFP4's
+    global amax) are unified the same way. The groups are kept in
+    ``model._modelopt_lite_shared_inputs``.
     """
     cfg = get_config(config)
     converted = replace_quant_modules(model)
@@ -81,7 +83,11 @@ def share_input_amax_by_graph(model: nn.Module, example_inputs=None, graphs=None
     def has_input_quantizer(m: nn.Module) -> bool:
         return isinstance(getattr(m, "input_quantizer", None), TensorQuantizer)
 
-    if not any(has_input_quantizer(m) and m.input_quantizer.amax is not None for m in model.modules()):
+    def calibrated(m: nn.Module) -> bool:
+        return any(isinstance(q, TensorQuantizer) and q.amax is not None
+                   for q in (m.input_quantizer, getattr(m, "weight_quantizer", None)))
+
+    if not any(has_input_quantizer(m) and calibrated(m) for m in model.modules()):
         model._modelopt_lite_shared_inputs = []
         return []
     try:
@@ -92,21 +98,33 @@ def share_input_amax_by_graph(model: nn.Module, example_inputs=None, graphs=None
     groups = shared_input_groups(graphs, want=has_input_quantizer)
     applied: List[List[str]] = []
     for names in groups:
-        quantizers = [model.get_submodule(n).input_quantizer for n in names]
-        usable = [q for q in quantizers if q.is_enabled and q.uses_static_amax and q.amax is not None]
-        if len(usable) < 2:
-            continue
-        ref = usable[0]
-        if any(q._spec != ref._spec or q.amax.shape != ref.amax.shape for q in usable):
-            continue
-        with torch.no_grad():
-            shared = torch.stack([q.amax for q in usable]).amax(dim=0)
-            for q in usable:
-                q.amax = shared.clone()
-        applied.append(names)
+        modules = [model.get_submodule(n) for n in names]
+        if _merge_amax([m.input_quantizer for m in modules]):
+            applied.append(names)
+        # One per-tensor weight scale per fused GEMM (q/k/v, gate/up), as runtimes requantize to it.
+        weights = [getattr(m, "weight_quantizer", None) for m in modules]
+        if all(isinstance(q, TensorQuantizer) for q in weights):
+            _merge_amax(weights, per_tensor_only=True)
     model._modelopt_lite_shared_inputs = applied
     model._modelopt_lite_residual_writers = residual_writers(graphs, want=has_input_quantizer)
     return applied
+
+
+def _merge_amax(quantizers: List[TensorQuantizer], per_tensor_only: bool = False) -> bool:
+    """Give static quantizers of one format their largest amax; False when they cannot share."""
+    usable = [q for q in quantizers if q.is_enabled and q.uses_static_amax and q.amax is not None]
+    if len(usable) < 2 or (per_tensor_only and len(usable) < len(quantizers)):
+        return False
+    ref = usable[0]
+    if any(q._spec != ref._spec or q.amax.shape != ref.amax.shape for q in usable):
+        return False
+    if per_tensor_only and ref.amax.numel() != 1:
+        return False
+    with torch.no_grad():
+        shared = torch.stack([q.amax for q in usable]).amax(dim=0)
+        for q in usable:
+            q.amax = shared.clone()
+    return True
 
 
 def fold_weight(model: nn.Module) -> nn.Module:

@@ -280,6 +280,9 @@ def recursive_trace(
     """
     gc = GraphCollection(model)
     example = _normalise_inputs(example_inputs) if example_inputs is not None else example_inputs_for(model)
+    if example is not None and getattr(model, "config", None) is not None and "use_cache" not in example[1]:
+        if "use_cache" in inspect.signature(model.forward).parameters:
+            example = (example[0], {**example[1], "use_cache": False})  # a KV cache object cannot be exported
     inputs_cache: Dict[nn.Module, Inputs] = {}
     if example is not None:
         inputs_cache[model] = example
