@@ -53,7 +53,7 @@ def _kind(q: Optional[TensorQuantizer]) -> Optional[str]:
     f = q.fmt
     blocks = f.blocks
     if f.name == "nvfp4" or (f.scale is E4M3 and f.element.name == "e2m1"):
-        return f"nvfp4/{blocks.get(-1) or blocks.get(1)}"
+        return f"nvfp4/{blocks.get(-1) or blocks.get(1)}" + ("/fp8-global" if f.global_fp8 else "")
     if f.name == "fp8_e4m3":
         if f.block_sizes and list(blocks) == [-1] and blocks[-1] is None:
             return "fp8/token"
@@ -77,7 +77,7 @@ _TABLE = {
     ("fp8/channel", "fp8/token"): "FP8_PER_CHANNEL_PER_TOKEN",
     ("nvfp4/16", "nvfp4/16"): "NVFP4",
     ("nvfp4/16", None): "W4A16_NVFP4",
-    ("nvfp4/32", "fp8/tensor"): "W4A8_NVFP4_FP8",
+    ("nvfp4/32/fp8-global", "fp8/tensor"): "W4A8_NVFP4_FP8",
     ("int4/block", None): "W4A16_AWQ",
     ("int4/block", "fp8/tensor"): "W4A8_AWQ",
     ("int8/channel", "int8/tensor"): "W8A8_SQ_PER_CHANNEL",
@@ -271,7 +271,8 @@ def algo_quantizers(algo: str, group_size: Optional[int] = None):
                                       {"num_bits": "e4m3", "block_sizes": {-1: None, "type": "dynamic"}}),
         "NVFP4": (_NVFP4_BLOCKS, _NVFP4_BLOCKS),
         "W4A16_NVFP4": (_NVFP4_BLOCKS, None),
-        "W4A8_NVFP4_FP8": ({"num_bits": "e2m1", "block_sizes": {-1: g or 32, "type": "dynamic", "scale_bits": "e4m3"}},
+        "W4A8_NVFP4_FP8": ({"num_bits": "e2m1", "block_sizes": {-1: g or 32, "type": "dynamic", "scale_bits": "e4m3",
+                                                             "global_scale": "fp8"}},
                            _FP8_TENSOR),
         "W4A16_AWQ": ({"num_bits": 4, "block_sizes": {-1: g or 128}}, None),
         "W4A8_AWQ": ({"num_bits": 4, "block_sizes": {-1: g or 128}}, _FP8_TENSOR),

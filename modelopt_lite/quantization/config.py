@@ -18,7 +18,7 @@ from .formats.schemes import _parse_scale
 
 __all__ = ["QuantizerAttributeConfig", "QuantizeConfig", "ConfigError", "validate_config"]
 
-_BLOCK_META_KEYS = ("type", "scale_bits")
+_BLOCK_META_KEYS = ("type", "scale_bits", "global_scale")
 
 
 class ConfigError(ValueError):
@@ -71,6 +71,9 @@ class QuantizerAttributeConfig(BaseModel):
         if "scale_bits" in out:
             sb = out["scale_bits"]
             _parse_scale(tuple(sb) if isinstance(sb, list) else sb)
+        if out.get("global_scale", "nvfp4") not in ("nvfp4", "fp8"):
+            raise ValueError(f"block_sizes.global_scale must be 'nvfp4' (amax / (qmax * 448)) or 'fp8' (amax / 448), "
+                             f"got {out['global_scale']!r}")
         return out
 
     @field_validator("calibrator")
@@ -110,6 +113,7 @@ def to_format(attrs: Dict[str, Any]) -> QuantFormat:
         scale_bits=scale_bits,
         unsigned=attrs.get("unsigned", False),
         narrow_range=attrs.get("narrow_range", False),
+        global_fp8=bool(blocks) and blocks.get("global_scale") == "fp8",
     )
 
 

@@ -31,6 +31,7 @@ def format_to_spec(fmt: QuantFormat) -> str:
             "axis": list(fmt.axis) if fmt.axis is not None else None,
             "block_sizes": [list(b) for b in fmt.block_sizes] if fmt.block_sizes else None,
             "scale_bits": scale,
+            "global_fp8": fmt.global_fp8,
         },
         sort_keys=True,
     )
@@ -43,7 +44,7 @@ def format_from_spec(spec: str) -> QuantFormat:
     blocks = {int(k): v for k, v in d["block_sizes"]} if d["block_sizes"] else None
     return QuantFormat.create(
         num_bits=num_bits, axis=d["axis"], block_sizes=blocks, scale_bits=d["scale_bits"],
-        unsigned=d["unsigned"], narrow_range=d["narrow_range"],
+        unsigned=d["unsigned"], narrow_range=d["narrow_range"], global_fp8=d.get("global_fp8", False),
     )
 
 

@@ -43,6 +43,9 @@ class QuantFormat:
     axis: Optional[Tuple[int, ...]] = None
     block_sizes: Optional[Tuple[Tuple[int, Optional[int]], ...]] = None
     scale: Optional[FloatFormat] = None
+    global_fp8: bool = False
+    """Two-level only: the global scale is amax / 448 (not amax / (qmax * 448)), so that
+    element x block scale fits FP8, as W4A8 NVFP4-FP8 GEMMs need."""
 
     def __post_init__(self):
         if self.axis is not None and self.block_sizes:
@@ -51,9 +54,12 @@ class QuantFormat:
             raise ValueError(f"{self.scale.name} scales need block_sizes")
         if self.scale is E8M0 and isinstance(self.element, IntFormat) and self.element.bits != 8:
             raise ValueError("MX integer elements are 8-bit (MXINT8)")
+        if self.global_fp8 and self.scale is not E4M3:
+            raise ValueError("global_scale: fp8 applies to two-level formats (E4M3 block scales) only")
 
     @classmethod
-    def create(cls, num_bits=8, axis=None, block_sizes=None, scale_bits=None, unsigned=False, narrow_range=False):
+    def create(cls, num_bits=8, axis=None, block_sizes=None, scale_bits=None, unsigned=False, narrow_range=False,
+               global_fp8=False):
         """Build from config-style attributes (`num_bits` int, (E, M) or name)."""
         scale = _parse_scale(scale_bits)
         if scale is E8M0 and (num_bits == 8 or num_bits in ("int8",)):
@@ -65,7 +71,7 @@ class QuantFormat:
         blocks = None
         if block_sizes:
             blocks = tuple(sorted((int(k), None if v is None else int(v)) for k, v in block_sizes.items()))
-        return cls(element, axis, blocks, scale)
+        return cls(element, axis, blocks, scale, global_fp8)
 
     @property
     def blocks(self) -> Dict[int, Optional[int]]:
@@ -202,7 +208,8 @@ def _core(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor]):
     if fmt.scale is E4M3:
         gamax = bamax.amax() if amax is None else _fit_amax(amax, (), "global")
         tiny = gamax <= TINY_AMAX
-        s2 = torch.where(tiny, torch.ones_like(gamax), gamax / torch.full_like(gamax, qmax * E4M3.max_value))
+        bound = E4M3.max_value if fmt.global_fp8 else qmax * E4M3.max_value
+        s2 = torch.where(tiny, torch.ones_like(gamax), gamax / torch.full_like(gamax, bound))
         sb = E4M3.round(torch.clamp(bamax / (qmax * s2), max=E4M3.max_value))
         sb = torch.where(sb == 0, torch.ones_like(sb), sb)
         eff = sb * s2
