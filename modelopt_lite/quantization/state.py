@@ -234,8 +234,8 @@ def _validated_state(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]):
         loaded = {}
         for attr, spec in (entry.get("tensors") or {}).items():
             key = _tensor_key(name, attr)
-            if attr not in _TENSOR_ATTRS:
-                raise QuantStateError(f"quantization state: quantizer {name!r} has an unknown tensor {attr!r}")
+            if attr not in _TENSOR_ATTRS or not isinstance(spec, dict):
+                raise QuantStateError(f"quantization state: quantizer {name!r} has an unknown tensor entry {attr!r}")
             if key not in tensors:
                 raise QuantStateError(f"quantization state: tensor {key!r} is described but not in the tensor file")
             t = tensors[key]
@@ -479,11 +479,14 @@ def _fsync_tree(root: Path) -> None:
 def _fsync_dir(path: Path) -> None:
     if os.name != "posix":
         return
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        pass  # some file systems cannot sync a directory; the rename itself has happened
     finally:
         os.close(fd)
 
