@@ -19,6 +19,7 @@ from .conversion import (
 )
 from .nn import QUANT_MODULES, QuantInputModule, QuantModule, QuantWeightModule, register_quant_module
 from .presets import PRESET_INFO, PRESETS, QFORMATS, get_config, load_config_file
+from .state import save, restore, quant_state_dict, apply_quant_state
 from .summary import print_quant_summary, quant_summary
 from .tensor_quantizer import TensorQuantizer
 
@@ -30,5 +31,6 @@ __all__ = [
     "disable_quantizer", "enable_quantizer", "named_quantizers", "replace_quant_modules",
     "set_quantizer_attribute", "set_quantizer_by_cfg", "QUANT_MODULES", "QuantInputModule", "QuantModule",
     "QuantWeightModule", "register_quant_module", "PRESET_INFO", "PRESETS", "QFORMATS", "get_config",
-    "load_config_file", "print_quant_summary", "quant_summary", "TensorQuantizer", *PRESETS,
+    "load_config_file", "print_quant_summary", "quant_summary", "TensorQuantizer",
+    "save", "restore", "quant_state_dict", "apply_quant_state", *PRESETS,
 ]

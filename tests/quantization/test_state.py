@@ -518,3 +518,11 @@ def test_restore_errors(tmp_path):
     (out / TENSORS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="quant_state.safetensors is missing"):
         restore(mlp(), out)
+
+
+def test_exported_from_mtq(tmp_path):
+    assert (mtq.save, mtq.restore, mtq.quant_state_dict, mtq.apply_quant_state) == (
+        save, restore, quant_state_dict, apply_quant_state)
+    model, x = quantized_small("mlp", "int4_wo")
+    mtq.save(model, tmp_path / "q")
+    assert torch.equal(mtq.restore(mlp(), tmp_path / "q")(x), model(x))
