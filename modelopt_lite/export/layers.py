@@ -203,7 +203,9 @@ def w4a8_weight_scale_2(qt: QuantizedTensor) -> torch.Tensor:
     """max |code * weight_scale| / 448 for one INT4 weight (W4A8 AWQ's second scale)."""
     deq = dequantize(QuantizedTensor(qt.codes, qt.fmt, torch.float32, amax=qt.amax))
     m = deq.abs().amax()
-    return torch.where(m > 0, m / torch.tensor(FP8_MAX), torch.ones_like(m))
+    ws2 = m / torch.tensor(FP8_MAX)
+    ws2 = torch.where(m / ws2 > FP8_MAX, torch.nextafter(ws2, torch.tensor(float("inf"))), ws2)  # keep the ratio <= 448
+    return torch.where(m > 0, ws2, torch.ones_like(m))
 
 
 def dequantize_weight(tensors: Dict[str, torch.Tensor], algo: str, fmt: QuantFormat, dtype: torch.dtype) -> torch.Tensor:
