@@ -35,13 +35,13 @@ PRESET_BOUNDS = {
     "MXFP8_DEFAULT_CFG": 0.1,  # 8-bit float (3 mantissa bits: ~2^-4 relative step)
     "MXFP6_DEFAULT_CFG": 0.2,  # 6-bit float (2 mantissa bits)
     "NVFP4_DEFAULT_CFG": 0.35, "W4A16_NVFP4_CFG": 0.35, "W4A8_NVFP4_FP8_CFG": 0.35, "MXFP4_DEFAULT_CFG": 0.35,
-    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG": 0.35,  # 4-bit
+    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG": 0.35, "W4A8_AWQ_BETA_CFG": 0.35,  # 4-bit
 }
 
 
-def test_there_are_13_presets_with_qformats():
+def test_there_are_14_presets_with_qformats():
     # one YAML file per preset under configs/quant (the _exclusions file is not a preset)
-    assert len(mtq.PRESETS) == 13
+    assert len(mtq.PRESETS) == 14
     assert set(PRESET_BOUNDS) == set(mtq.PRESETS)
     # each preset has a unique qformat short name and is exported as a module constant
     assert sorted(mtq.QFORMATS.values()) == sorted(mtq.PRESETS)
