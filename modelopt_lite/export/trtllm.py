@@ -130,7 +130,10 @@ class _Writer:
     def __init__(self, model: nn.Module, decoder: str, plan: ExportPlan, tp: int, dtype: torch.dtype):
         self.model, self.decoder, self.plan, self.tp, self.dtype = model, decoder, plan, tp, dtype
         self.family = DECODERS[decoder]
-        self.dims = _dims(model.config, decoder)
+        try:
+            self.dims = _dims(model.config, decoder)
+        except AttributeError as e:
+            raise ExportError(f"the model's config is not a {decoder} config ({e}); pass decoder_type") from None
         self.group_of = {n: g for g in plan.groups for n in g}
 
     # ---- checks (before anything is written) --------------------------------------------------
@@ -380,9 +383,8 @@ def _decoder(model: nn.Module, decoder_type: Optional[str]) -> str:
     name = decoder_type or getattr(cfg, "model_type", None)
     name = _ALIASES.get(name, name)
     if name not in DECODERS:
-        hint = " (export_dir is a keyword argument)" if decoder_type and ("/" in decoder_type) else ""
         raise ExportError(f"decoder type {name!r} is not supported by the TensorRT-LLM export; "
-                          f"supported: {', '.join(DECODERS)}{hint}")
+                          f"supported: {', '.join(DECODERS)}")
     return name
 
 
