@@ -1,0 +1,228 @@
+"""Quantization subgraphs whose scales are computed at run time, NVFP4 first (used by `onnx.py`).
+
+Two-level formats (E2M1 elements in blocks along the last axis, E4M3 block
+scales under a float32 global scale s2) come in two flavours:
+
+* ``tensorrt``: weights are a FLOAT4E2M1 initializer under two
+  DequantizeLinear nodes (the FLOAT8E4M3FN block scales dequantized by s2,
+  then the blocked FP4 dequantization; opset 23); activations go through
+  TensorRT's ``trt::TRT_FP4DynamicQuantize`` and the same two
+  DequantizeLinear nodes. ONNX Runtime cannot run this flavour.
+* ``portable``: standard operators that ONNX Runtime's CPU provider runs.
+  Weights are E2M1 codes packed two per byte, unpacked with BitwiseAnd and
+  BitShift and looked up in a 16-entry value table (Gather), then scaled
+  per block by DequantizeLinear(FLOAT8E4M3FN block scale, s2). Activations
+  are cut into blocks; the block scale is rounded to E4M3 by a saturating
+  Cast round trip, the elements to E2M1 by one Round per binade.
+
+Single-level formats whose amax comes from each input (per token, per
+block) use the same blocks and rounding. Every step is the float32
+arithmetic of `formats.fake_quant`, in its order, so these subgraphs give
+the PyTorch fake-quant values. Functions build through `g`, the graph
+builder of `onnx.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import TensorProto, helper
+
+from ..quantization.formats import (
+    E2M1,
+    E4M3,
+    TINY_AMAX,
+    FloatFormat,
+    IntFormat,
+    QuantFormat,
+    quantize,
+)
+from ..quantization.formats.blocks import normalize_axes
+
+FLAVOURS = ("portable", "tensorrt")
+TRT_DOMAIN = "trt"
+
+FLOAT8 = {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}
+
+
+def round_to_grid(g, y: str, elem) -> str:
+    """Round float32 `y` (already scaled) onto `elem`'s grid: nearest, ties to even, saturating."""
+    if isinstance(elem, IntFormat):
+        if elem.frac_bits:
+            raise ValueError("fixed-point elements (MXINT8) are not exported")
+        return g.op("Clip", [g.op("Round", [y]), g.const(float(elem.qmin_code)), g.const(float(elem.qmax_code))])
+    top = elem.max_value
+    yc = g.op("Clip", [y, g.const(-top), g.const(top)])
+    if elem.name in FLOAT8:  # a saturating cast rounds to nearest even, subnormals included
+        return g.op("Cast", [g.op("Cast", [yc], to=FLOAT8[elem.name])], to=TensorProto.FLOAT)
+    # FP6/FP4: one Round per binade [2^e, 2^(e+1)), quantum 2^(e - mbits); subnormals share the lowest.
+    mag = g.op("Abs", [yc])
+    out = None
+    for e in range(elem.emax, elem.min_exp - 1, -1):
+        quantum = 2.0 ** (e - elem.mbits)
+        r = g.op("Mul", [g.op("Round", [g.op("Mul", [yc, g.const(1.0 / quantum)])]), g.const(quantum)])
+        out = r if out is None else g.op("Where", [g.op("Less", [mag, g.const(2.0 ** (e + 1))]), r, out])
+    return out
+
+
+def to_blocks(g, x: str, rank: int, k: int, block: int):
+    """View `x` (static last dimension `k`) as [..., n_blocks, block], zero-padding the last axis.
+
+    Returns the blocked value and a function that turns a blocked result back
+    into the shape of `x`. Leading (batch, sequence) dimensions stay dynamic.
+    """
+    nb = -(-k // block)
+    pad = nb * block - k
+    if pad:
+        x = g.op("Pad", [x, g.int64([0] * rank + [0] * (rank - 1) + [pad])])
+    xb = g.op("Reshape", [x, g.int64([0] * (rank - 1) + [nb, block])])
+
+    def restore(yb: str) -> str:
+        y = g.op("Reshape", [yb, g.int64([0] * (rank - 1) + [nb * block])])
+        if pad:
+            y = g.op("Slice", [y, g.int64([0]), g.int64([k]), g.int64([-1])])
+        return y
+
+    return xb, restore
+
+
+def last_axis_block(fmt: QuantFormat, rank: int) -> int:
+    """The block size of a format blocked along the last axis only (anything else is refused)."""
+    blocks = {(a % rank if rank else a): b for a, b in fmt.blocks.items()}
+    if list(blocks) != [rank - 1] or blocks[rank - 1] is None:
+        raise ValueError(f"{fmt.name} is exported with blocks along the last axis only, got {fmt.blocks}")
+    return blocks[rank - 1]
+
+
+def _global_scale(fmt: QuantFormat, amax: torch.Tensor, block: int) -> torch.Tensor:
+    """s2 for a calibrated global amax, computed by the format code itself."""
+    return quantize(torch.zeros(block), fmt, amax.float().reshape(())).global_scale.float().reshape(())
+
+
+def _global_bound(fmt: QuantFormat) -> float:
+    """The divisor of the global amax: qmax * 448, or 448 when element x block scale must fit FP8."""
+    return E4M3.max_value if getattr(fmt, "global_fp8", False) else fmt.element.max_value * E4M3.max_value
+
+
+# ---------------------------------------------------------------- single-level, scale from each input
+def dynamic(g, x: str, rank: int, k: int, fmt: QuantFormat) -> str:
+    """amax from each input (per tensor, channel, token or block); fake quant's formula with standard ops."""
+    restore = None
+    if fmt.block_sizes:
+        blocks = {a % rank: b for a, b in fmt.blocks.items()}
+        if list(blocks) != [rank - 1]:
+            raise ValueError(f"dynamic blocks are exported along the last axis only, got {fmt.blocks}")
+        block = blocks[rank - 1] or k
+        if block != k:
+            x, restore = to_blocks(g, x, rank, k, block)
+        amax = g.op("ReduceMax", [g.op("Abs", [x]), g.int64([-1])], keepdims=1)
+    elif fmt.axis is not None:
+        keep = normalize_axes(fmt.axis, rank)
+        reduce = [d for d in range(rank) if d not in keep]
+        amax = g.op("ReduceMax", [g.op("Abs", [x]), g.int64(reduce)], keepdims=1)
+    else:
+        amax = g.op("ReduceMax", [g.op("Abs", [x])], keepdims=0)
+    qmax = g.const(float(fmt.element.max_value))
+    tiny = g.op("LessOrEqual", [amax, g.const(TINY_AMAX)])
+    zero = g.const(0.0)
+    s = g.op("Where", [tiny, zero, g.op("Div", [qmax, amax])])
+    scale = g.op("Where", [tiny, zero, g.op("Div", [amax, qmax])])
+    y = g.op("Mul", [round_to_grid(g, g.op("Mul", [x, s]), fmt.element), scale])
+    return restore(y) if restore else y
+
+
+# ---------------------------------------------------------------- NVFP4 weights
+def _fp4_tensor(codes: torch.Tensor) -> TensorProto:
+    """E2M1 codes as a FLOAT4E2M1 initializer (two per byte, first element in the low nibble)."""
+    flat = codes.reshape(-1).to(torch.uint8).numpy()
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor("", TensorProto.FLOAT4E2M1, list(codes.shape), packed.tobytes(), raw=True)
+
+
+def _fp8_tensor(values: torch.Tensor) -> TensorProto:
+    raw = values.to(torch.float8_e4m3fn).contiguous().view(torch.uint8).numpy().tobytes()
+    return helper.make_tensor("", TensorProto.FLOAT8E4M3FN, list(values.shape), raw, raw=True)
+
+
+def weight(g, w: torch.Tensor, amax, fmt: QuantFormat, flavour: str) -> str:
+    """A constant weight quantized to a two-level format; returns its float32 dequantized value."""
+    rank = w.dim()
+    block = last_axis_block(fmt, rank)
+    qt = quantize(w, fmt, amax)
+    s2 = g.const(qt.global_scale.float().reshape(()).numpy(), "weight_scale_2")
+    sb = g.const(_fp8_tensor(qt.block_scale), "weight_scale")
+    scale = g.op("DequantizeLinear", [sb, s2])  # float(sb) * s2, one per block
+    if flavour == "tensorrt":
+        if fmt.element is not E2M1:
+            raise ValueError(f"the tensorrt flavour exports E2M1 elements only, not {fmt.element.name}")
+        codes = g.const(_fp4_tensor(qt.codes), "weight")
+        return g.op("DequantizeLinear", [codes, scale], axis=-1, block_size=block)
+    if fmt.element.code_bits != 4:
+        raise ValueError(f"the portable flavour packs 4-bit elements only, not {fmt.element.name}")
+    shape = list(w.shape)
+    k = shape[-1]
+    kp = k + k % 2
+    codes = qt.codes.to(torch.uint8)
+    if kp != k:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).numpy()
+    p = g.const(packed, "weight_packed")
+    lo = g.op("BitwiseAnd", [p, g.const(np.array(15, np.uint8))])
+    hi = g.op("BitShift", [p, g.const(np.array(4, np.uint8))], direction="RIGHT")
+    pairs = g.op("Concat", [g.op("Unsqueeze", [lo, g.int64([-1])]), g.op("Unsqueeze", [hi, g.int64([-1])])], axis=-1)
+    idx = g.op("Cast", [g.op("Reshape", [pairs, g.int64(shape[:-1] + [kp])])], to=TensorProto.INT64)
+    table = fmt.element.decode(torch.arange(2 ** fmt.element.code_bits, dtype=torch.uint8)).numpy()
+    vals = g.op("Gather", [g.const(table), idx])
+    if kp != k:
+        vals = g.op("Slice", [vals, g.int64([0]), g.int64([k]), g.int64([-1])])
+    vb, restore = to_blocks(g, vals, rank, k, block)
+    return restore(g.op("Mul", [vb, g.op("Unsqueeze", [scale, g.int64([-1])])]))
+
+
+# ---------------------------------------------------------------- NVFP4 activations
+def activation(g, x: str, rank: int, k: int, amax, fmt: QuantFormat, flavour: str) -> str:
+    """Dynamic block quantization of float32 `x` (static last dimension `k`) to a two-level format.
+
+    `amax` is the calibrated global amax (a tensor), or None to take it from
+    each input. Returns the float32 fake-quantized value.
+    """
+    elem = fmt.element
+    block = last_axis_block(fmt, rank)
+    qmax = elem.max_value
+    tiny = None
+    if amax is not None:
+        if float(amax.float().max()) <= TINY_AMAX:
+            return g.op("Mul", [x, g.const(0.0)])
+        s2_t = _global_scale(fmt, amax, block)
+        s2 = g.const(s2_t.numpy(), "input_scale")
+        qs2 = g.const((s2_t * qmax).numpy())
+    else:
+        gamax = g.op("ReduceMax", [g.op("Abs", [x])], keepdims=0)
+        tiny = g.op("LessOrEqual", [gamax, g.const(TINY_AMAX)])
+        s2 = g.op("Where", [tiny, g.const(1.0), g.op("Div", [gamax, g.const(_global_bound(fmt))])])
+        qs2 = g.op("Mul", [s2, g.const(qmax)])
+    if flavour == "tensorrt":
+        if elem is not E2M1:
+            raise ValueError(f"the tensorrt flavour exports E2M1 elements only, not {elem.name}")
+        xq, sx = g.op("TRT_FP4DynamicQuantize", [x, s2], outputs=2, domain=TRT_DOMAIN, axis=-1,
+                      block_size=block, scale_type=TensorProto.FLOAT8E4M3FN)
+        g.annotate(xq, TensorProto.FLOAT4E2M1)
+        g.annotate(sx, TensorProto.FLOAT8E4M3FN)
+        y = g.op("DequantizeLinear", [xq, g.op("DequantizeLinear", [sx, s2])], axis=-1, block_size=block)
+    else:
+        xb, restore = to_blocks(g, x, rank, k, block)
+        bamax = g.op("ReduceMax", [g.op("Abs", [xb]), g.int64([-1])], keepdims=1)
+        sb = round_to_grid(g, g.op("Min", [g.op("Div", [bamax, qs2]), g.const(E4M3.max_value)]), E4M3)
+        sb = g.op("Where", [g.op("Equal", [sb, g.const(0.0)]), g.const(1.0), sb])
+        eff = g.op("Mul", [sb, s2])
+        q = round_to_grid(g, g.op("Div", [xb, eff]), elem)
+        y = restore(g.op("Mul", [q, eff]))
+    if tiny is not None:
+        y = g.op("Where", [tiny, g.const(0.0), y])
+    return y
+
+
+def is_two_level(fmt: QuantFormat) -> bool:
+    return fmt.scale is E4M3 and isinstance(fmt.element, FloatFormat)
