@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..quantization.state import save as save_quant_state
 from ..utils.fs import atomic_directory
 from .layers import ExportError, export_linear, kv_scale
 from .plan import ExportPlan, plan_export
@@ -144,17 +145,6 @@ def _source_dir(model: nn.Module, source_dir) -> Optional[Path]:
     return Path(path) if path and Path(path).is_dir() else None
 
 
-def _write_state(model: nn.Module, directory: Path) -> None:
-    from ..quantization.state import quant_state_dict
-    from safetensors.torch import save_file
-
-    meta, tensors = quant_state_dict(model, include_weight_amax=False)
-    directory.mkdir()
-    (directory / "quant_state.json").write_text(json.dumps(meta, indent=1) + "\n")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / "quant_state.safetensors"),
-              metadata={"format": "pt"})
-
-
 def export_hf_checkpoint(
     model: nn.Module,
     export_dir: Union[str, Path],
@@ -190,5 +180,5 @@ def export_hf_checkpoint(
             for name in _TOKENIZER_FILES:
                 if (src / name).is_file() and not (tmp / name).exists():
                     shutil.copy2(src / name, tmp / name)
-        _write_state(model, tmp / STATE_DIR)
+        save_quant_state(model, tmp / STATE_DIR, include_weight_amax=False)  # exact activation amaxes
     return Path(export_dir)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..quantization.conversion import replace_quant_modules
 from ..quantization.nn import QuantModule
+from ..quantization.state import restore as restore_quant_state
 from ..quantization.tensor_quantizer import TensorQuantizer
 from .hf import STATE_DIR
 from .layers import NVFP4_GLOBAL, FP8_MAX, ExportError, algo_quantizers, dequantize_weight
@@ -142,16 +143,6 @@ def _quantize_from_config(model: nn.Module, quant: dict, reader: CheckpointReade
                   "from the stored scales, so outputs may differ from the exported model in the last bit")
 
 
-def _apply_state(model: nn.Module, state_dir: Path) -> None:
-    from safetensors.torch import load_file
-
-    from ..quantization.state import apply_quant_state
-
-    meta = json.loads((state_dir / "quant_state.json").read_text())
-    tensors = load_file(str(state_dir / "quant_state.safetensors"))
-    apply_quant_state(model, meta, tensors)
-
-
 def load_hf_checkpoint(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
                        device: Union[str, torch.device] = "cpu") -> nn.Module:
     """Rebuild the fake-quant model of an exported Hugging Face unified checkpoint."""
@@ -164,7 +155,7 @@ def load_hf_checkpoint(path: Union[str, Path], *, dtype: Optional[torch.dtype] =
     reader = CheckpointReader(path)
     model = _build_model(config_json, dtype)
     if (path / STATE_DIR / "quant_state.json").is_file():
-        _apply_state(model, path / STATE_DIR)
+        restore_quant_state(model, path / STATE_DIR)
     else:
         _quantize_from_config(model, quant, reader)
     quantized = {n: m for n, m in model.named_modules()

@@ -109,7 +109,7 @@ class ShardedSafetensorsWriter:
             self._done.append(self._current)
             self._current = None
         if self._current is None:
-            self._current = _Shard(self.directory / f".shard{len(self._done)}.raw")
+            self._current = _Shard(self.directory / f".{self.prefix}-shard{len(self._done)}.raw")
         self._current.add(name, tensor)
         self._names.add(name)
         self.total_size += nbytes
@@ -118,7 +118,7 @@ class ShardedSafetensorsWriter:
         """Finish every shard; returns the file names written."""
         shards = self._done + ([self._current] if self._current is not None else [])
         if not shards:
-            shards = [_Shard(self.directory / ".shard0.raw")]
+            shards = [_Shard(self.directory / f".{self.prefix}-shard0.raw")]
         n = len(shards)
         names = [f"{self.prefix}.safetensors"] if n == 1 else [
             f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

@@ -6,6 +6,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
+import warnings
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -24,29 +26,90 @@ def check_target(target: PathLike, overwrite: bool) -> Path:
     return target
 
 
-@contextlib.contextmanager
-def atomic_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `target`; on success it becomes `target`.
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
-    On an exception the temporary directory is removed and `target` is left
-    as it was. With `overwrite`, an existing `target` is replaced only after
-    the new one is complete.
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename itself has happened
+    finally:
+        os.close(fd)
+
+
+def _sibling(target: Path, tag: str) -> Path:
+    return target.with_name(f".{target.name}.{tag}-{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: PathLike, overwrite: bool = False, fsync: bool = True) -> Iterator[Path]:
+    """Write a directory all at once: yields an empty temporary directory beside `target`.
+
+    Write everything into the yielded path; when the block ends without an
+    error it is renamed to `target` (parent directories are created). On an
+    error the temporary directory is removed and `target` is not touched, so
+    no partial output is ever visible at `target`.
+
+    An existing non-empty `target` is refused (FileExistsError) unless
+    `overwrite`; then the whole old directory is replaced, and removed only
+    after the new one is in place. A `target` that is a file is always
+    refused. With `fsync` the files are flushed to disk before the rename.
     """
-    target = check_target(target, overwrite).resolve()
+    target = Path(os.path.abspath(os.fspath(target)))
+    if target.parent == target:
+        raise ValueError(f"cannot write a directory over {str(target)!r}")
+
+    def check() -> bool:
+        """True when the target exists (as a directory we may replace)."""
+        if not os.path.lexists(target):
+            return False
+        if not target.is_dir() or target.is_symlink():
+            raise FileExistsError(f"{str(target)!r} exists and is not a directory")
+        if not overwrite and any(target.iterdir()):
+            raise FileExistsError(f"{str(target)!r} exists and is not empty; pass overwrite=True to replace it")
+        return True
+
+    check()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _sibling(target, "tmp")
+    os.mkdir(tmp)
     try:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        if fsync:
+            _fsync_tree(tmp)
+        old = None
+        if check():
+            old = _sibling(target, "old")
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if fsync:
+        _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):
+            warnings.warn(f"could not remove the replaced directory {str(old)!r}")
 
 
 @contextlib.contextmanager
