@@ -33,6 +33,7 @@ import contextlib
 import copy
 import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -179,9 +180,11 @@ def _torch_export(wrapper: _Flat, flat: tuple, names: List[str], dynamic_axes, o
         return op(x, amax, spec=spec)
 
     def run(shapes):
-        return torch.onnx.export(
-            wrapper, flat, dynamo=True, opset_version=opset, verbose=False, dynamic_shapes=shapes,
-            custom_translation_table={torch.ops.modelopt_lite.fake_quant.default: translate}).model_proto
+        with warnings.catch_warnings():  # inputs sharing "batch"/"seq" is what we ask for
+            warnings.filterwarnings("ignore", message=r".*axis name: \w+ will not be used")
+            return torch.onnx.export(
+                wrapper, flat, dynamo=True, opset_version=opset, verbose=False, dynamic_shapes=shapes,
+                custom_translation_table={torch.ops.modelopt_lite.fake_quant.default: translate}).model_proto
 
     if not dynamic_axes:
         return run(None)
@@ -362,7 +365,7 @@ def _scope(node) -> str:
             with contextlib.suppress(ValueError, SyntaxError):
                 scopes = ast.literal_eval(p.value)
                 if len(scopes) >= 2 and scopes[-2]:
-                    return scopes[-2]
+                    return scopes[-2].removeprefix("model.")
     return node.output[0]
 
 
@@ -417,21 +420,27 @@ def _lower(proto, flavour: str) -> None:
 
 
 def _set_names(graph, names: List[str]) -> None:
-    """Rename the graph inputs then outputs (two passes through unique temporary names)."""
-    values = [*graph.input, *graph.output]
+    """Name the graph inputs then outputs, and drop the wrapper's "model." from initializer names."""
     if len(set(names)) != len(names):
         raise ValueError(f"input and output names must be unique, got {names}")
-    taken = {v.name for v in (*graph.value_info, *graph.initializer)} | {o for n in graph.node for o in n.output}
-    pairs = [(v.name, f"__io_{i}") for i, v in enumerate(values)]
-    pairs += [(n, f"{n}__{i}") for i, n in enumerate(names) if n in taken - {v.name for v in values}]
-    pairs += [(f"__io_{i}", n) for i, n in enumerate(names)]
-    for old, new in pairs:
-        for n in graph.node:
-            n.input[:] = [new if i == old else i for i in n.input]
-            n.output[:] = [new if o == old else o for o in n.output]
-        for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
-            if v.name == old:
-                v.name = new
+    io = [v.name for v in (*graph.input, *graph.output)]
+    mapping = dict(zip(io, names))
+    others = [t.name for t in graph.initializer] + [o for n in graph.node for o in n.output]
+    taken = set(names) | set(others) | set(io)
+    for name in others:
+        if name in mapping:
+            continue
+        new = name[len("model."):] if name.startswith("model.") and name[len("model."):] not in taken else name
+        if new in names:  # a value already holds a wanted name
+            new = f"{name}_{len(taken)}"
+        if new != name:
+            mapping[name] = new
+            taken.add(new)
+    for n in graph.node:
+        n.input[:] = [mapping.get(i, i) for i in n.input]
+        n.output[:] = [mapping.get(o, o) for o in n.output]
+    for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        v.name = mapping.get(v.name, v.name)
 
 
 def _needed_opset(model: nn.Module, flavour: str) -> int:
@@ -505,16 +514,24 @@ def export_onnx(model: nn.Module, example_inputs, path: Union[str, os.PathLike],
 
 
 def check_onnx(model: nn.Module, path: Union[str, os.PathLike], inputs, *,
-               providers: Sequence[str] = ("CPUExecutionProvider",)) -> Dict[str, Any]:
+               providers: Sequence[str] = ("CPUExecutionProvider",),
+               session_config: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Run the ONNX file in ONNX Runtime on `inputs` and compare it with `model` (run in eval mode).
 
     Returns {"outputs": n, "names": [...], "max_abs_diff", "max_rel_diff"
     (the largest |difference| over the output's largest |value|, worst
-    output), "cosine" (lowest over the outputs)}.
+    output), "cosine" (lowest over the outputs)}. The session has ONNX
+    Runtime's defaults plus `session_config` entries. Note that by default
+    ONNX Runtime runs DequantizeLinear(INT4/INT8 weight) -> MatMul as
+    MatMulNBits with int8 activations ("session.qdq_matmulnbits_accuracy_level"
+    "4"); "1" computes in float32.
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=list(providers))
+    options = ort.SessionOptions()
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(path), options, providers=list(providers))
     args, kwargs = _split_inputs(inputs)
     flat = args + tuple(kwargs.values())
     metas = session.get_inputs()
