@@ -5,25 +5,15 @@
     check_onnx(model, "model.onnx", other_inputs)  # {"max_abs_diff": ..., "cosine": ..., ...}
 
 A deep copy of the model goes through ``torch.onnx.export(dynamo=True)``,
-which translates the fake-quant custom op into a placeholder node keeping
-its input, its amax and its format; each placeholder is then replaced here:
-
-* constants (weights) are quantized once by the format code and stored as
-  codes: INT8/FP8 under DequantizeLinear (per tensor or per channel), INT4
-  under a blocked DequantizeLinear (opset 21), NVFP4 as `onnx_nvfp4` says;
-* static INT8/FP8 activations: QuantizeLinear -> DequantizeLinear, scale
-  amax / qmax. QuantizeLinear names its type with `output_dtype` and has
-  no zero point, which keeps ONNX Runtime's CPU optimizer from two rewrites
-  that change results: deleting a Relu before a FLOAT8 QuantizeLinear, and
-  turning INT8 into UINT8 for kernels that saturate on AVX2;
-* scales from each input (per token, per block) and NVFP4: `onnx_nvfp4`.
-
-The FP8 GEMM inputs depend on the flavour: ``tensorrt`` keeps
-DequantizeLinear feeding the GEMM, as TensorRT fuses it; ``portable`` puts
-the saturation bound (a no-op Clip) after an FP8 activation's
-DequantizeLinear, because ONNX Runtime's CPU provider would otherwise fuse
-FP8 DequantizeLinear -> MatMul into an integer kernel that rejects FP8.
-A pre_quant_scale stays the Mul in front of its quantizer.
+which translates the fake-quant custom op into a placeholder node that
+keeps its input, its amax and its format. Each placeholder is then
+replaced by a subgraph of standard operators (`onnx_nvfp4` builds them):
+codes under DequantizeLinear when its input is a constant (a weight),
+QuantizeLinear -> DequantizeLinear for a calibrated activation, the fake
+quant formula for scales taken from each input, and NVFP4 in the flavour
+asked for. A pre_quant_scale stays the Mul in front of its quantizer.
+The file gets the opset's own IR version (21 -> 10, 23 -> 11), passes
+onnx.checker and is written atomically.
 """
 
 from __future__ import annotations
@@ -47,18 +37,17 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("ONNX export needs the onnx extra: pip install 'modelopt_lite[onnx]'") from e
 
-from ..quantization.formats import E8M0, Blocking, FloatFormat, IntFormat, QuantFormat, dequant_scale, quantize
-from ..quantization.formats.blocks import normalize_axes
+from ..quantization.formats import E8M0
 from ..quantization.formats.elements import FLOAT_FORMAT_NAMES
 from ..quantization.ops import format_from_spec
 from ..quantization.tensor_quantizer import TensorQuantizer
 from ..utils.fs import atomic_file
-from . import onnx_nvfp4 as nvfp4
+from . import onnx_nvfp4 as subgraphs
 from .layers import ExportError
 
 __all__ = ["export_onnx", "check_onnx", "NVFP4_FLAVOURS"]
 
-NVFP4_FLAVOURS = nvfp4.FLAVOURS
+NVFP4_FLAVOURS = subgraphs.FLAVOURS
 _DOMAIN, _PLACEHOLDER = "modelopt_lite.export", "FakeQuant"
 _MAX_DIM = 1 << 16
 
@@ -145,10 +134,11 @@ def _placeholder_op():
     except ImportError:
         raise ImportError("torch's ONNX exporter needs onnxscript: pip install 'modelopt_lite[onnx]'") from None
     if not onnx.defs.has(_PLACEHOLDER, _DOMAIN):
-        param, schema = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema
+        schema = onnx.defs.OpSchema
+        param, optional = schema.FormalParameter, schema.FormalParameterOption.Optional
         floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
         onnx.defs.register_schema(schema(
-            _PLACEHOLDER, _DOMAIN, 1, inputs=[param("x", "T"), param("amax", "A", param_option=schema.FormalParameterOption.Optional)],
+            _PLACEHOLDER, _DOMAIN, 1, inputs=[param("x", "T"), param("amax", "A", param_option=optional)],
             outputs=[param("y", "T")], type_constraints=[("T", floats, ""), ("A", floats, "")],
             attributes=[schema.Attribute("spec", schema.AttrType.STRING, "the format as JSON")]))
     return getattr(onnxscript.values.Opset(_DOMAIN, 1), _PLACEHOLDER)
@@ -161,7 +151,8 @@ def _dynamic_shapes(flat, names: List[str], dynamic_axes, auto: bool):
     if dynamic_axes is True:
         wanted = {n: {a: ("batch", "seq")[a] for a in range(min(t.dim(), 2))} for n, t in zip(names, flat)}
     else:
-        wanted = {n: dict(v) if isinstance(v, dict) else {int(a): f"{n}_{a}" for a in v} for n, v in dynamic_axes.items()}
+        wanted = {n: dict(v) if isinstance(v, dict) else {int(a): f"{n}_{a}" for a in v}
+                  for n, v in dynamic_axes.items()}
         if set(wanted) - set(names):
             raise ValueError(f"dynamic_axes names unknown inputs {sorted(set(wanted) - set(names))}; inputs: {names}")
     dims: Dict[str, Any] = {}
@@ -197,141 +188,11 @@ def _torch_export(wrapper: _Flat, flat: tuple, names: List[str], dynamic_axes, o
             raise named_error from None
 
 
-# ---------------------------------------------------------------- graph building
-class _Graph:
-    """Adds nodes and initializers to an ONNX graph under fresh names (prefixed by `scope`)."""
-
-    def __init__(self, graph):
-        self.graph, self.scope, self.nodes, self.domains = graph, "", [], set()
-        self.taken = {v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)}
-        self.taken |= {o for n in graph.node for o in (*n.output, n.name)}
-        self._small: Dict[tuple, str] = {}
-
-    def fresh(self, hint: str) -> str:
-        base = name = f"{self.scope}.{hint}" if self.scope else hint
-        i = 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
-
-    def const(self, value, hint: str = "") -> str:
-        """An initializer (a TensorProto, array or float); small unnamed constants are shared."""
-        if isinstance(value, TensorProto):
-            t = value
-        else:
-            arr = np.asarray(value, dtype=np.float32) if isinstance(value, float) else np.asarray(value)
-            if not hint and arr.size <= 16:
-                key = (arr.dtype.str, arr.shape, arr.tobytes())
-                if key not in self._small:
-                    scope, self.scope = self.scope, ""
-                    self._small[key] = self.const(numpy_helper.from_array(arr), "const")
-                    self.scope = scope
-                return self._small[key]
-            t = numpy_helper.from_array(arr)
-        t.name = self.fresh(hint or "const")
-        self.graph.initializer.append(t)
-        return t.name
-
-    def int64(self, values) -> str:
-        return self.const(np.asarray(values, dtype=np.int64))
-
-    def op(self, op_type: str, inputs: Sequence[str], outputs: int = 1, domain: str = "", **attrs):
-        outs = [self.fresh(f"{op_type}_out") for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh(op_type), domain=domain,
-                                           **attrs))
-        if domain:
-            self.domains.add(domain)
-        return outs[0] if outputs == 1 else outs
-
-    def annotate(self, name: str, elem_type: int) -> None:
-        self.graph.value_info.append(helper.make_tensor_value_info(name, elem_type, None))
-
-
-# ---------------------------------------------------------------- single-level formats
-def _code_tensor(codes: torch.Tensor, elem) -> TensorProto:
-    """Integer or FP8 codes as an initializer (INT4: two per byte, first element in the low nibble)."""
-    if isinstance(elem, IntFormat) and not elem.frac_bits:
-        arr = codes.numpy()
-        if elem.bits != 4:
-            return numpy_helper.from_array(arr.astype(np.uint8 if elem.unsigned else np.int8))
-        nib = (arr.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
-        nib = np.concatenate([nib, np.zeros(nib.size % 2, np.uint8)])
-        kind = TensorProto.UINT4 if elem.unsigned else TensorProto.INT4
-        return helper.make_tensor("", kind, list(codes.shape), (nib[0::2] | (nib[1::2] << 4)).tobytes(), raw=True)
-    if isinstance(elem, FloatFormat) and elem.name in nvfp4.FLOAT8:
-        raw = codes.contiguous().view(torch.uint8).numpy().tobytes()
-        return helper.make_tensor("", nvfp4.FLOAT8[elem.name], list(codes.shape), raw, raw=True)
-    raise ValueError(f"{elem.name} weights have no ONNX code type (INT8, INT4, FP8 and NVFP4 are exported)")
-
-
-def _weight(g: _Graph, w: torch.Tensor, amax, fmt: QuantFormat, flavour: str) -> str:
-    """A constant quantized once: codes under DequantizeLinear (per tensor, channel or block)."""
-    if nvfp4.is_two_level(fmt):
-        return nvfp4.weight(g, w, amax, fmt, flavour)
-    qt = quantize(w, fmt, amax)
-    codes = g.const(_code_tensor(qt.codes, fmt.element), "weight")
-    attrs: Dict[str, int] = {}
-    if fmt.block_sizes:
-        blocking = Blocking(w.shape, fmt.blocks)
-        scale = dequant_scale(qt.amax.reshape(blocking.scale_shape), fmt.element)
-        axis = max(blocking.sizes)
-        for a, size in blocking.sizes.items():  # 2D blocks: repeat the scales along the other blocked axes
-            if a != axis:
-                scale = scale.repeat_interleave(size, dim=a).narrow(a, 0, w.shape[a])
-        attrs = {"axis": axis, "block_size": blocking.sizes[axis]}
-    elif fmt.axis is not None:
-        axes = normalize_axes(fmt.axis, w.dim())
-        if len(axes) != 1:
-            raise ValueError(f"per-channel scales over axes {fmt.axis} have no DequantizeLinear form")
-        scale, attrs = dequant_scale(qt.amax.reshape(-1), fmt.element), {"axis": axes[0]}
-    else:
-        scale = dequant_scale(qt.amax.reshape(()), fmt.element)
-    return g.op("DequantizeLinear", [codes, g.const(scale.numpy(), "weight_scale")], **attrs)
-
-
-def _static_qdq(g: _Graph, x: str, rank: int, amax: torch.Tensor, fmt: QuantFormat, flavour: str) -> str:
-    """A calibrated activation: QuantizeLinear -> DequantizeLinear with scale amax / qmax."""
-    elem, attrs, keep = fmt.element, {}, [1] * rank
-    if fmt.axis is not None:
-        axes = normalize_axes(fmt.axis, rank)
-        if len(axes) != 1:
-            raise ValueError(f"per-channel scales over axes {fmt.axis} have no QuantizeLinear form")
-        attrs, keep[axes[0]], amax = {"axis": axes[0]}, -1, amax.reshape(-1)
-    else:
-        amax = amax.reshape(())
-    scale = dequant_scale(amax, elem)
-    bound = scale.reshape(keep)
-    if isinstance(elem, IntFormat) and elem.frac_bits:
-        raise ValueError("fixed-point elements (MXINT8) are not exported")
-    if isinstance(elem, FloatFormat) and elem.name not in nvfp4.FLOAT8:  # FP6/FP4 elements: the formula
-        s = torch.where(scale == 0, torch.zeros_like(amax), torch.full_like(amax, elem.max_value) / amax)
-        q = nvfp4.round_to_grid(g, g.op("Mul", [x, g.const(s.reshape(keep).numpy(), "input_multiplier")]), elem)
-        return g.op("Mul", [q, g.const(bound.numpy(), "input_scale")])
-    s_dq = g.const(scale.numpy(), "input_scale")
-    s_q = s_dq if bool((scale > 0).all()) else g.const(torch.where(scale > 0, scale, 1.0).numpy(), "input_scale_q")
-    if isinstance(elem, FloatFormat):
-        code_type, lo, hi = nvfp4.FLOAT8[elem.name], -elem.max_value, elem.max_value
-        clamp = flavour == "portable"  # see the module docstring
-    else:
-        code_type = TensorProto.UINT8 if elem.unsigned else TensorProto.INT8
-        lo, hi = elem.qmin_code, elem.qmax_code
-        clamp = (lo, hi) != ((0, 255) if elem.unsigned else (-128, 127))  # narrow range or fewer bits
-    y = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s_q], output_dtype=code_type, **attrs), s_dq], **attrs)
-    if not clamp:
-        return y
-    if scale.dim() == 0:
-        return g.op("Clip", [y, g.const((scale * lo).numpy(), "input_min"), g.const((scale * hi).numpy(), "input_max")])
-    y = g.op("Max", [y, g.const((bound * lo).numpy(), "input_min")])
-    return g.op("Min", [y, g.const((bound * hi).numpy(), "input_max")])
-
-
 # ---------------------------------------------------------------- lowering the placeholders
-def _lower_one(g: _Graph, node, consts, types, flavour: str) -> str:
+def _lower_one(g: subgraphs.Graph, node, consts, types, flavour: str) -> str:
     spec = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "spec")
     fmt = format_from_spec(spec.decode() if isinstance(spec, bytes) else spec)
-    if fmt.scale is E8M0:
+    if fmt.scale == E8M0:
         raise ValueError(f"{fmt.name} (E8M0 block scales) has no ONNX export")
     x = node.input[0]
     amax_name = node.input[1] if len(node.input) > 1 else ""
@@ -341,31 +202,33 @@ def _lower_one(g: _Graph, node, consts, types, flavour: str) -> str:
     elem_type, dims = types.get(x, (TensorProto.FLOAT, None))
     w = consts(x)
     if w is not None:
-        y = _weight(g, w, amax, fmt, flavour)
+        y = subgraphs.quantized_constant(g, w, amax, fmt, flavour)
     else:
         if not dims or not isinstance(dims[-1], int):
             raise ValueError(f"input {x!r} needs a known rank and a static last dimension")
         xf = x if elem_type == TensorProto.FLOAT else g.op("Cast", [x], to=TensorProto.FLOAT)
         rank, k = len(dims), dims[-1]
-        if nvfp4.is_two_level(fmt):
-            y = nvfp4.activation(g, xf, rank, k, amax, fmt, flavour)
+        if subgraphs.is_two_level(fmt):
+            y = subgraphs.nvfp4_activation(g, xf, rank, k, amax, fmt, flavour)
         elif amax is None:
-            y = nvfp4.dynamic(g, xf, rank, k, fmt)
+            y = subgraphs.dynamic_quant(g, xf, rank, k, fmt)
         elif fmt.block_sizes:
             raise ValueError("static per-block activation scales have no form with dynamic shapes")
         else:
-            y = _static_qdq(g, xf, rank, amax, fmt, flavour)
+            y = subgraphs.static_qdq(g, xf, rank, amax, fmt, flavour)
     return y if elem_type == TensorProto.FLOAT else g.op("Cast", [y], to=elem_type)
 
 
 def _scope(node) -> str:
-    """The quantizer's module path, from the exporter's name scopes (else the node's output)."""
+    """The quantizer's module path: from the exporter's name scopes, else its amax buffer, else the output."""
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
             with contextlib.suppress(ValueError, SyntaxError):
                 scopes = ast.literal_eval(p.value)
                 if len(scopes) >= 2 and scopes[-2]:
                     return scopes[-2].removeprefix("model.")
+    if len(node.input) > 1 and node.input[1].endswith("._amax"):
+        return node.input[1][: -len("._amax")].removeprefix("model.")
     return node.output[0]
 
 
@@ -389,7 +252,7 @@ def _lower(proto, flavour: str) -> None:
             return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
         return torch.from_numpy(arr.copy())
 
-    g = _Graph(graph)
+    g = subgraphs.Graph(graph)
     nodes, replaced = [], set()
     for node in graph.node:
         if node.domain != _DOMAIN:
@@ -448,9 +311,9 @@ def _needed_opset(model: nn.Module, flavour: str) -> int:
     two_level = False
     for name, q in model.named_modules():
         if isinstance(q, TensorQuantizer) and q.is_enabled:
-            if q.fmt.scale is E8M0:
+            if q.fmt.scale == E8M0:
                 raise ExportError(f"{name}: {q.fmt.name} (E8M0 block scales) has no ONNX export")
-            two_level |= nvfp4.is_two_level(q.fmt)
+            two_level |= subgraphs.is_two_level(q.fmt)
     return 23 if two_level and flavour == "tensorrt" else 21
 
 
