@@ -238,7 +238,7 @@ def _lower(proto, flavour: str) -> None:
     tensors = {t.name: t for t in graph.initializer}
     tensors.update({n.output[0]: n.attribute[0].t for n in graph.node
                     if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
-    types = {}
+    types = {name: (t.data_type, list(t.dims)) for name, t in tensors.items()}
     for v in (*graph.input, *graph.value_info, *graph.output):
         tt = v.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim]
@@ -328,7 +328,9 @@ def export_onnx(model: nn.Module, example_inputs, path: Union[str, os.PathLike],
     tensors (Hugging Face: input_ids, attention_mask); outputs are flattened
     (BERT: last_hidden_state, pooler_output; a decoder runs without cache).
     `nvfp4_flavour`: "portable" (standard operators that ONNX Runtime runs)
-    or "tensorrt" (FLOAT4E2M1 weights, TRT_FP4DynamicQuantize; opset 23).
+    or "tensorrt" (FLOAT4E2M1 weights, TRT_FP4DynamicQuantize, opset 23;
+    FP8 DequantizeLinear feeds GEMMs directly, which ONNX Runtime's CPU
+    provider cannot run).
     `opset`: at least 21 (23 for the tensorrt flavour of NVFP4), which is
     the default. `dynamic_axes`: True makes dims 0 ("batch") and 1 ("seq")
     of every input dynamic, {input: {axis: name}} chooses, False keeps the

@@ -174,6 +174,10 @@ def test_fp8_qdq_per_tensor(fp8_relu):
         amax = model[0 if q.input[0] == "input" else 2].input_quantizer.amax
         scale = onnx.numpy_helper.to_array(inits[q.input[1]])
         assert scale == (amax / torch.full_like(amax, 448.0)).numpy()
+    for q in qs:  # portable: the saturation bound between an FP8 activation's DQ and the MatMul (see onnx_nvfp4)
+        dq = next(n for n in proto.graph.node if q.output[0] in n.input)
+        clip = next(n for n in proto.graph.node if dq.output[0] in n.input)
+        assert dq.op_type == "DequantizeLinear" and clip.op_type == "Clip"
     for i in (0, 2):  # FP8 codes x the per-tensor scale are the fake-quant weight, bit for bit
         w, scale = inits[f"{i}.weight_quantizer.weight"], inits[f"{i}.weight_quantizer.weight_scale"]
         assert w.data_type == TP.FLOAT8E4M3FN and list(w.dims) == list(model[i].weight.shape)
