@@ -4,14 +4,15 @@
   codes: INT8/FP8 under DequantizeLinear (per tensor or per channel), INT4
   and other blocks under a blocked DequantizeLinear (opset 21).
 * Calibrated activations: QuantizeLinear -> DequantizeLinear, scale amax /
-  qmax. QuantizeLinear names its type with `output_dtype` and has no zero
-  point, which keeps ONNX Runtime's CPU optimizer from two rewrites that
-  change results: dropping a Relu in front of a FLOAT8 QuantizeLinear, and
-  turning INT8 into UINT8 for kernels that saturate on AVX2. In the
-  portable flavour an FP8 DequantizeLinear is followed by its saturation
-  bound (a Clip that changes nothing), as ONNX Runtime would otherwise fuse
-  FP8 DequantizeLinear -> MatMul into an integer kernel without FP8
-  support; the tensorrt flavour keeps DequantizeLinear feeding the GEMM.
+  qmax. In the portable flavour QuantizeLinear names its type with
+  `output_dtype` and has no zero point, which keeps ONNX Runtime's CPU
+  optimizer from two rewrites that change results: dropping a Relu in
+  front of a FLOAT8 QuantizeLinear, and turning INT8 into UINT8 for
+  kernels that saturate on AVX2; and an FP8 DequantizeLinear is followed by
+  its saturation bound (a Clip that changes nothing), as ONNX Runtime would
+  otherwise fuse FP8 DequantizeLinear -> MatMul into an integer kernel
+  without FP8 support. The tensorrt flavour keeps the conventional form:
+  zero points, DequantizeLinear feeding the GEMM.
 * Scales from each input (per token, per block): ReduceMax(Abs), then fake
   quant's formula, q = round(x * qmax / amax), out = q * (amax / qmax).
 * NVFP4 (E2M1 in blocks along the last axis, E4M3 block scales under a
@@ -224,7 +225,12 @@ def static_qdq(g: Graph, x: str, rank: int, amax: torch.Tensor, fmt: QuantFormat
         code_type = TensorProto.UINT8 if elem.unsigned else TensorProto.INT8
         lo, hi = elem.qmin_code, elem.qmax_code
         clamp = (lo, hi) != ((0, 255) if elem.unsigned else (-128, 127))  # narrow range or fewer bits
-    y = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s_q], output_dtype=code_type, **attrs), s_dq], **attrs)
+    if flavour == "tensorrt":  # the zero point names the type, as TensorRT's Q/DQ patterns expect
+        zp = g.const(helper.make_tensor("", code_type, list(scale.shape), bytes(scale.numel()), raw=True), "zero_point")
+        y = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s_q, zp], **attrs), s_dq, zp], **attrs)
+    else:
+        q = g.op("QuantizeLinear", [x, s_q], output_dtype=code_type, **attrs)
+        y = g.op("DequantizeLinear", [q, s_dq], **attrs)
     if not clamp:
         return y
     if scale.dim() == 0:

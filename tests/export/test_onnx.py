@@ -287,7 +287,8 @@ def _decode_fp4_weight(inits, prefix, shape, block):
 
 
 def test_nvfp4_tensorrt_flavour_structure(tmp_path):
-    model, x = _quantize(_mlp(), "nvfp4", (2, 8, 32))
+    fp8_last = {"*4.input_quantizer": {"num_bits": "e4m3", "axis": None}}  # and one static FP8 activation
+    model, x = _quantize(_mlp(), _config("nvfp4", fp8_last), (2, 8, 32))
     path = export_onnx(model, x, tmp_path / "trt.onnx", nvfp4_flavour="tensorrt")
     proto = onnx.load(path)
     onnx.checker.check_model(proto)
@@ -307,8 +308,8 @@ def test_nvfp4_tensorrt_flavour_structure(tmp_path):
         assert torch.equal(_decode_fp4_weight(inits, prefix, shape, 16), model[i].quantized_weight())
 
     dyn = _nodes(proto, "TRT_FP4DynamicQuantize")  # activations, as TensorRT's dynamic FP4 quantizer
-    assert len(dyn) == 3 and all(n.domain == "trt" for n in dyn)
-    for n, i in zip(dyn, (0, 2, 4)):
+    assert len(dyn) == 2 and all(n.domain == "trt" for n in dyn)
+    for n, i in zip(dyn, (0, 2)):
         assert (_attr(n, "axis"), _attr(n, "block_size"), _attr(n, "scale_type")) == (-1, 16, TP.FLOAT8E4M3FN)
         s2 = onnx.numpy_helper.to_array(inits[n.input[1]])
         amax = model[i].input_quantizer.amax
@@ -316,6 +317,13 @@ def test_nvfp4_tensorrt_flavour_structure(tmp_path):
         scale_dq, x_dq = dq_of[n.output[1]], dq_of[n.output[0]]
         assert list(scale_dq.input) == [n.output[1], n.input[1]] and x_dq.input[1] == scale_dq.output[0]
         assert (_attr(x_dq, "axis"), _attr(x_dq, "block_size")) == (-1, 16)
+
+    (q,) = _nodes(proto, "QuantizeLinear")  # FP8 in TensorRT's form: zero points, DequantizeLinear into the MatMul
+    zp = inits[q.input[2]]
+    assert zp.data_type == TP.FLOAT8E4M3FN and zp.raw_data == b"\x00"
+    dq = next(n for n in proto.graph.node if q.output[0] in n.input)
+    assert dq.op_type == "DequantizeLinear" and list(dq.input)[2] == q.input[2]
+    assert next(n for n in proto.graph.node if dq.output[0] in n.input).op_type == "MatMul"
 
 
 # ---------------------------------------------------------------- Hugging Face models
