@@ -428,3 +428,15 @@ def test_nan_produced_inside_model_names_later_quantizer():
         mtq.quantize(model, "FP8_DEFAULT_CFG", forward_loop=mtq.create_forward_loop(batches, progress=False))
     # the first layer sees finite data; the layer after the overflow is the one named, in batch 0
     assert "'3.input_quantizer'" in str(info.value) and "batch 0" in str(info.value)
+
+
+def test_deepcopy_keeps_two_level_formats_static():
+    # formats are compared by identity (E4M3 block scales); a deep copy must keep the shared instances
+    import copy
+
+    q = TensorQuantizer({"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": "e4m3"}})
+    q.amax = torch.tensor(3.0)
+    c = copy.deepcopy(q)
+    assert c.uses_static_amax and c.fmt == q.fmt and c.fmt.scale is q.fmt.scale
+    x = torch.randn(4, 32)
+    assert torch.equal(c(x), q(x))

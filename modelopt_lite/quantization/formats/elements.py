@@ -41,6 +41,12 @@ class IntFormat:
     MXINT8 elements are (1.6 fixed point).
     """
 
+    def __deepcopy__(self, memo):
+        return self  # immutable, and the shared instances (E4M3, E8M0, ...) are compared by identity
+
+    def __copy__(self):
+        return self
+
     bits: int
     unsigned: bool = False
     narrow_range: bool = False
@@ -114,6 +120,12 @@ class FloatFormat:
     IEEE-like; FP6 and FP4 have neither inf nor NaN and use every exponent.
     E8M0 (unsigned, mbits 0) exists only as a block scale.
     """
+
+    def __deepcopy__(self, memo):
+        return self  # immutable, and the shared instances (E4M3, E8M0, ...) are compared by identity
+
+    def __copy__(self):
+        return self
 
     ebits: int
     mbits: int
