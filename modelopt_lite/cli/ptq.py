@@ -11,12 +11,12 @@ PyTorch model.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from ..utils.fs import atomic_file
 
 DEFAULT_QFORMAT = "fp8"
 EXPORTS = ("hf", "trtllm", "onnx")
@@ -89,8 +89,9 @@ def run(args) -> int:
     print(report)
     print(f"Done in {time.time() - start:.1f} s")
     if args.report_json:
-        _write_json_atomic(Path(args.report_json), {"config": config_name, "model": str(loaded.path),
-                                                   "calib_size": len(calib), **report.as_dict()})
+        data = {"config": config_name, "model": str(loaded.path), "calib_size": len(calib), **report.as_dict()}
+        with atomic_file(Path(args.report_json), overwrite=True) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
     if args.export:
         _export(args, loaded, heldout)
     return 0
@@ -153,16 +154,3 @@ class _NoCache(torch.nn.Module):
 
     def forward(self, **batch):
         return self.model(**batch, use_cache=False)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

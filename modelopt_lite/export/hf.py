@@ -118,7 +118,7 @@ def _write_tensors(model: nn.Module, plan: ExportPlan, writer: ShardedSafetensor
     written = set()
     for key, t in model.state_dict(keep_vars=True).items():
         mod, _, leaf = key.rpartition(".")
-        if "_quantizer" in mod.rpartition(".")[2] or "_quantizer." in key:
+        if "_quantizer." in key:
             continue  # quantizer state (amax, pre_quant_scale) never goes into the checkpoint
         if mod in plan.algos and leaf == "weight":
             module = model.get_submodule(mod)

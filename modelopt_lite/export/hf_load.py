@@ -172,22 +172,21 @@ def load_hf_checkpoint(path: Union[str, Path], *, dtype: Optional[torch.dtype] =
         state[f"{name}.weight"] = w.t() if getattr(m, "weight_axis_last", False) else w
         m.weight_quantizer.disable()  # the weight now holds the fake-quantized values
     for key in reader.keys():
-        if key in used or key.endswith(("_proj.k_scale", "_proj.v_scale")) or key.endswith((".k_scale", ".v_scale")):
+        if key in used or key.endswith((".k_scale", ".v_scale")):
             continue
         state[key] = reader.get(key)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "_quantizer." not in k and not _tied(model, k)]
+    tied = _tied_keys(model)
+    missing = [k for k in missing if "_quantizer." not in k and k not in tied]
     if missing or unexpected:
         raise ExportError(f"{path}: checkpoint does not match {type(model).__name__}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(device).eval()
 
 
-def _tied(model: nn.Module, key: str) -> bool:
-    """True for a parameter that shares its storage with another (tied embeddings), stored once."""
-    mod, _, leaf = key.rpartition(".")
-    try:
-        t = getattr(model.get_submodule(mod), leaf)
-    except AttributeError:
-        return False
-    return any(p is t and n != key for n, p in model.state_dict(keep_vars=True).items())
+def _tied_keys(model: nn.Module) -> set:
+    """State-dict keys whose tensor is also stored under another key (tied embeddings): written once."""
+    names: Dict[int, list] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(key)
+    return {k for keys in names.values() if len(keys) > 1 for k in keys}

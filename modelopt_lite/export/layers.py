@@ -22,7 +22,7 @@ from ..quantization.tensor_quantizer import TensorQuantizer
 from .packing import pack_int4_rows, pack_nibbles_last, unpack_int4_rows, unpack_nibbles_last
 
 __all__ = ["ExportError", "GroupValues", "layer_algo", "export_linear", "dequantize_weight", "kv_cache_algo",
-           "kv_scale", "float_weight", "input_scale", "algo_quantizers", "ALGOS"]
+           "kv_scale", "float_weight", "quantize_weight", "input_scale", "algo_quantizers", "ALGOS"]
 
 FP8_MAX = E4M3.max_value
 NVFP4_GLOBAL = E2M1.max_value * E4M3.max_value  # 6 * 448
@@ -109,9 +109,10 @@ def layer_algo(name: str, module: nn.Module) -> Optional[str]:
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as ``[out, in]`` (transformers' Conv1D stores ``[in, out]``)."""
+    """The layer's weight as ``[out, in]`` (transformers' Conv1D stores ``[in, out]``, quantized or not)."""
     w = module.weight.detach()
-    return w.t() if getattr(module, "weight_axis_last", False) else w
+    conv1d = getattr(module, "weight_axis_last", False) or type(module).__name__ == "Conv1D"
+    return w.t() if conv1d else w
 
 
 @dataclass
@@ -130,7 +131,7 @@ def _weight_amax(q: TensorQuantizer, shared: GroupValues) -> Optional[torch.Tens
     return q.amax if q.uses_static_amax else None
 
 
-def _quantize_weight(module: nn.Module, shared: GroupValues) -> QuantizedTensor:
+def quantize_weight(module: nn.Module, shared: GroupValues) -> QuantizedTensor:
     q = module.weight_quantizer
     w = float_weight(module)
     resmooth = _resmooth_factor(module, shared)
@@ -160,7 +161,7 @@ def export_linear(module: nn.Module, algo: str, shared: Optional[GroupValues] = 
     """The checkpoint tensors of one quantized linear (HF suffixes), computed from a copy."""
     shared = shared or GroupValues()
     dtype = dtype or module.weight.dtype
-    qt = _quantize_weight(module, shared)
+    qt = quantize_weight(module, shared)
     iq = module.input_quantizer
     out: Dict[str, torch.Tensor] = {}
     if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W8A16"):

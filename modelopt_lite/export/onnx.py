@@ -38,7 +38,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("ONNX export needs the onnx extra: pip install 'modelopt_lite[onnx]'") from e
 
 from ..quantization.formats import E8M0
-from ..quantization.formats.elements import FLOAT_FORMAT_NAMES
 from ..quantization.ops import format_from_spec
 from ..quantization.tensor_quantizer import TensorQuantizer
 from ..utils.fs import atomic_file
@@ -106,13 +105,6 @@ def _default_input_names(model: nn.Module, n_args: int, keys: Sequence[str]) -> 
     params = [p.name for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return [params[i] if i < len(params) else f"input_{i}" for i in range(n_args)] + list(keys)
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy that shares the (immutable) number formats: the format code compares them by identity."""
-    memo: Dict[int, Any] = {id(f): f for f in FLOAT_FORMAT_NAMES.values()}
-    memo.update((id(q.fmt), q.fmt) for q in model.modules() if isinstance(q, TensorQuantizer))
-    return copy.deepcopy(model, memo)
 
 
 @contextlib.contextmanager
@@ -356,7 +348,7 @@ def export_onnx(model: nn.Module, example_inputs, path: Union[str, os.PathLike],
     if len(in_names) != len(flat):
         raise ValueError(f"{len(in_names)} input names for {len(flat)} inputs")
 
-    wrapper = _Flat(_copy(model), len(args), list(kwargs)).eval()
+    wrapper = _Flat(copy.deepcopy(model), len(args), list(kwargs)).eval()
     with torch.no_grad():
         wrapper(*flat)  # names the outputs
     proto = _torch_export(wrapper, flat, in_names, dynamic_axes, opset)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..quantization.nn import QuantModule
 from ..quantization.tensor_quantizer import TensorQuantizer
-from .layers import ExportError, GroupValues, _quantize_weight, kv_cache_algo, layer_algo, w4a8_weight_scale_2
+from .layers import ExportError, GroupValues, quantize_weight, kv_cache_algo, layer_algo, w4a8_weight_scale_2
 
 __all__ = ["ExportPlan", "plan_export", "FUSED_SIBLINGS"]
 
@@ -101,7 +101,7 @@ def _group_values(model: nn.Module, names: List[str], algos: Dict[str, str]) -> 
                           "mean is used and the weights are re-smoothed to it")
     if algo == "W4A8_AWQ":
         with torch.no_grad():
-            gv.weight_scale_2 = _max_of([w4a8_weight_scale_2(_quantize_weight(m, gv)) for m in mods])
+            gv.weight_scale_2 = _max_of([w4a8_weight_scale_2(quantize_weight(m, gv)) for m in mods])
     return gv
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
@@ -113,13 +112,6 @@ def _dims(cfg, decoder: str) -> _Dims:
                  cfg.max_position_embeddings)
 
 
-def _weight_2d(m: nn.Module) -> torch.Tensor:
-    """The layer's weight as [out, in] (transformers' Conv1D stores [in, out], quantized or not)."""
-    if getattr(m, "weight_axis_last", False) or type(m).__name__ == "Conv1D":
-        return m.weight.detach().t()
-    return float_weight(m)
-
-
 def _cat(ts: List[torch.Tensor]) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts)
 
@@ -186,7 +178,7 @@ class _Writer:
                                   f"them on every attention layer ({self.family.layers}.*.{self.family.attention})")
 
     def _check_split(self, trt: str, m: nn.Module, algo: Optional[str], kind: str) -> None:
-        out_f, in_f = _weight_2d(m).shape
+        out_f, in_f = float_weight(m).shape
         rank_in = in_f // self.tp if kind == "row" else in_f
         if kind == "row" and in_f % self.tp:
             raise ExportError(f"{trt}: {in_f} input features cannot be split over {self.tp} ranks")
@@ -291,14 +283,14 @@ class _Writer:
         mods = [self.model.get_submodule(n) for n in names]
         algo = self.plan.algos.get(names[0])
         if algo is None:
-            tensors = {"weight": _cat([_weight_2d(m).to(self.dtype) for m in mods])}
+            tensors = {"weight": _cat([float_weight(m).to(self.dtype) for m in mods])}
         else:
             parts = [export_linear(m, algo, self._shared(n, algo), self.dtype) for n, m in zip(names, mods)]
             tensors = _fuse(parts, algo, names, self.dtype)
         biases = [getattr(m, "bias", None) for m in mods]
         if any(b is not None for b in biases):
             tensors["bias"] = _cat([b.detach().to(self.dtype) if b is not None else
-                                    torch.zeros(_weight_2d(m).shape[0], dtype=self.dtype)
+                                    torch.zeros(float_weight(m).shape[0], dtype=self.dtype)
                                     for b, m in zip(biases, mods)])
         return algo, tensors
 
@@ -325,7 +317,7 @@ def _rope(cfg) -> Dict:
 
 def _fp8_weight_amax(m: nn.Module) -> torch.Tensor:
     q = m.weight_quantizer
-    amax = q.amax if q.amax is not None else _weight_2d(m).abs().amax()
+    amax = q.amax if q.amax is not None else float_weight(m).abs().amax()
     return amax.detach().float().amax()
 
 
@@ -399,24 +391,19 @@ def _dtype(model: nn.Module, dtype) -> torch.dtype:
 
 
 class _RankFiles:
-    """One streaming safetensors writer per rank; each in its own scratch folder until closed."""
+    """One streaming safetensors writer per rank, writing rank{r}.safetensors."""
 
     def __init__(self, directory: Path, tp: int):
-        self.directory, self.tp = directory, tp
-        self.writers = []
-        for r in range(tp):
-            (directory / f".rank{r}").mkdir()
-            self.writers.append(ShardedSafetensorsWriter(directory / f".rank{r}", _NO_SHARDING, prefix=f"rank{r}"))
+        self.tp = tp
+        self.writers = [ShardedSafetensorsWriter(directory, _NO_SHARDING, prefix=f"rank{r}") for r in range(tp)]
 
     def add(self, name: str, tensor: torch.Tensor, rule: Split) -> None:
         for r, w in enumerate(self.writers):
             w.add(name, split_tensor(tensor, rule, self.tp, r, name))
 
     def close(self) -> None:
-        for r, w in enumerate(self.writers):
-            (fname,) = w.close()
-            os.replace(self.directory / f".rank{r}" / fname, self.directory / fname)
-            (self.directory / f".rank{r}").rmdir()
+        for w in self.writers:
+            w.close()
 
 
 def export_tensorrt_llm_checkpoint(

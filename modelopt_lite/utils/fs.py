@@ -16,14 +16,20 @@ __all__ = ["atomic_directory", "atomic_file", "check_target"]
 PathLike = Union[str, os.PathLike]
 
 
-def check_target(target: PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty directory or an existing file unless `overwrite`."""
+def check_target(target: PathLike, overwrite: bool) -> bool:
+    """The rule for an output directory: True when it exists and may be replaced.
+
+    A file (or a link) is always refused; a non-empty directory is refused
+    unless `overwrite` (FileExistsError).
+    """
     target = Path(target)
-    if target.exists() and not overwrite:
-        if target.is_dir() and not any(target.iterdir()):
-            return target
-        raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
-    return target
+    if not os.path.lexists(target):
+        return False
+    if not target.is_dir() or target.is_symlink():
+        raise FileExistsError(f"{str(target)!r} exists and is not a directory")
+    if not overwrite and any(target.iterdir()):
+        raise FileExistsError(f"{str(target)!r} exists and is not empty; pass overwrite=True to replace it")
+    return True
 
 
 def _fsync_tree(root: Path) -> None:
@@ -43,12 +49,10 @@ def _fsync_dir(path: Path) -> None:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
-    try:
+    # Some file systems cannot sync a directory; the rename itself has happened either way.
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory; the rename itself has happened
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 def _sibling(target: Path, tag: str) -> Path:
@@ -72,18 +76,7 @@ def atomic_directory(target: PathLike, overwrite: bool = False, fsync: bool = Tr
     target = Path(os.path.abspath(os.fspath(target)))
     if target.parent == target:
         raise ValueError(f"cannot write a directory over {str(target)!r}")
-
-    def check() -> bool:
-        """True when the target exists (as a directory we may replace)."""
-        if not os.path.lexists(target):
-            return False
-        if not target.is_dir() or target.is_symlink():
-            raise FileExistsError(f"{str(target)!r} exists and is not a directory")
-        if not overwrite and any(target.iterdir()):
-            raise FileExistsError(f"{str(target)!r} exists and is not empty; pass overwrite=True to replace it")
-        return True
-
-    check()
+    check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(target, "tmp")
     os.mkdir(tmp)
@@ -92,7 +85,7 @@ def atomic_directory(target: PathLike, overwrite: bool = False, fsync: bool = Tr
         if fsync:
             _fsync_tree(tmp)
         old = None
-        if check():
+        if check_target(target, overwrite):
             old = _sibling(target, "old")
             os.rename(target, old)
         try:
