@@ -31,14 +31,29 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from .config import QuantizerAttributeConfig, to_format
 from .conversion import name_quantizers, named_quantizers
 from .formats import compute_amax
 from .nn import QUANT_MODULES, QuantModule, register_transformers_layers
 from ..utils.fs import atomic_directory
+from .state_format import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    JSON_FILE,
+    TENSORS_FILE,
+    TENSOR_ATTRS,
+    MODEL_ATTRS,
+    QuantStateError,
+    QuantStateMismatch,
+    dtype_name,
+    join_name,
+    attrs_to_json,
+    json_copy,
+    shape_str,
+    check_header,
+    validated_state,
+)
 from .tensor_quantizer import TensorQuantizer
 
 __all__ = [
@@ -46,7 +61,6 @@ __all__ = [
     "restore",
     "quant_state_dict",
     "apply_quant_state",
-    "atomic_directory",
     "QuantStateError",
     "QuantStateMismatch",
     "STATE_FORMAT",
@@ -55,36 +69,7 @@ __all__ = [
     "TENSORS_FILE",
 ]
 
-STATE_FORMAT = "modelopt_lite.quant_state"
-STATE_VERSION = 1
-JSON_FILE = "quant_state.json"
-TENSORS_FILE = "quant_state.safetensors"
-
-_TENSOR_ATTRS = {"_amax": "amax", "_pre_quant_scale": "pre_quant_scale"}  # buffer -> TensorQuantizer setter
-_MODEL_ATTRS = {  # meta key -> attribute `quantize` leaves on the model
-    "quant_config": "_modelopt_lite_quant_config",
-    "shared_inputs": "_modelopt_lite_shared_inputs",
-    "residual_writers": "_modelopt_lite_residual_writers",
-}
-
 PathLike = Union[str, os.PathLike]
-
-
-class QuantStateError(ValueError):
-    """A quantization state that cannot be read or is inconsistent in itself."""
-
-
-class QuantStateMismatch(QuantStateError):
-    """A quantization state that does not fit the model it is applied to.
-
-    `layer` is the first mismatching layer (or quantizer) in module order,
-    `detail` what differs there, `count` how many mismatches were found.
-    """
-
-    def __init__(self, layer: str, detail: str, count: int = 1):
-        self.layer, self.detail, self.count = layer, detail, count
-        more = f" (and {count - 1} more mismatch{'es' if count > 2 else ''})" if count > 1 else ""
-        super().__init__(f"quantization state does not match the model at {layer or '<root>'!r}: {detail}{more}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -102,48 +87,8 @@ def _weight_shape(module: nn.Module) -> Optional[List[int]]:
     return list(w.shape) if isinstance(w, torch.Tensor) else None
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _tensor_key(quantizer: str, attr: str) -> str:
-    return _join(quantizer, attr)
-
-
 def _is_weight_quantizer(name: str) -> bool:
     return name.rsplit(".", 1)[-1].endswith("weight_quantizer")
-
-
-def _plain(value: Any) -> Any:
-    """Tuples to lists, recursively, so the value is what JSON gives back."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _attrs_to_json(attrs: Dict[str, Any]) -> Dict[str, Any]:
-    """Quantizer attributes as JSON; block_sizes axis keys become strings (validation turns them back into ints)."""
-    out = _plain(dict(attrs))
-    if isinstance(out.get("block_sizes"), dict):
-        out["block_sizes"] = {str(k): v for k, v in out["block_sizes"].items()}
-    return out
-
-
-def _json_copy(value: Any, what: str) -> Any:
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise QuantStateError(f"{what} cannot be stored as JSON: {e}") from None
-
-
-def _shape_str(shape) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
 # --------------------------------------------------------------------------- collect
@@ -170,13 +115,13 @@ def quant_state_dict(model: nn.Module, include_weight_amax: bool = True) -> Tupl
     tensors: Dict[str, torch.Tensor] = {}
     for name, q in named_quantizers(model):
         described: Dict[str, Dict[str, Any]] = {}
-        for attr in _TENSOR_ATTRS:
+        for attr in TENSOR_ATTRS:
             t = getattr(q, attr)
             if t is None or (attr == "_amax" and not include_weight_amax and _is_weight_quantizer(name)):
                 continue
-            tensors[_tensor_key(name, attr)] = t.detach().cpu().clone(memory_format=torch.contiguous_format)
-            described[attr] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
-        quantizers[name] = {"attributes": _attrs_to_json(q._attrs), "tensors": described}
+            tensors[join_name(name, attr)] = t.detach().cpu().clone(memory_format=torch.contiguous_format)
+            described[attr] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+        quantizers[name] = {"attributes": attrs_to_json(q._attrs), "tensors": described}
 
     from .. import __version__
 
@@ -186,72 +131,13 @@ def quant_state_dict(model: nn.Module, include_weight_amax: bool = True) -> Tupl
         "producer": f"modelopt_lite {__version__}",
         "weight_amax": bool(include_weight_amax),
     }
-    for key, attr in _MODEL_ATTRS.items():
+    for key, attr in MODEL_ATTRS.items():
         value = getattr(model, attr, None)
-        meta[key] = None if value is None else _json_copy(value, f"model.{attr}")
+        meta[key] = None if value is None else json_copy(value, f"model.{attr}")
     meta["modules"] = modules
     meta["unquantized_layers"] = unquantized
     meta["quantizers"] = quantizers
     return meta, tensors
-
-
-# --------------------------------------------------------------------------- check the state itself
-
-def _check_header(meta: Any) -> None:
-    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-        tag = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise QuantStateError(f"not a modelopt_lite quantization state (format tag {tag!r}, expected {STATE_FORMAT!r})")
-    version = meta.get("version")
-    if version != STATE_VERSION:
-        raise QuantStateError(
-            f"unsupported quantization state version {version!r}; this modelopt_lite reads version {STATE_VERSION}"
-        )
-    for key, kind in (("modules", dict), ("quantizers", dict), ("unquantized_layers", list)):
-        if not isinstance(meta.get(key), kind):
-            raise QuantStateError(f"quantization state: {key!r} must be a {kind.__name__}, got {type(meta.get(key)).__name__}")
-    for key in ("shared_inputs", "residual_writers"):
-        value = meta.get(key)
-        if value is not None and not isinstance(value, list):
-            raise QuantStateError(f"quantization state: {key!r} must be a list or null")
-
-
-def _validated_state(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]):
-    """Per quantizer: (validated attributes, format, {buffer: tensor}); raises QuantStateError."""
-    defaults = QuantizerAttributeConfig().model_dump()
-    out = {}
-    claimed = set()
-    for name, entry in meta["quantizers"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("attributes"), dict):
-            raise QuantStateError(f"quantization state: quantizer {name!r} has no attributes")
-        try:
-            attrs = QuantizerAttributeConfig.model_validate({**defaults, **entry["attributes"]})
-            fmt = to_format(attrs.model_dump())
-        except (ValidationError, ValueError) as e:
-            raise QuantStateError(f"quantization state: quantizer {name!r} has invalid attributes: {e}") from None
-        loaded = {}
-        for attr, spec in (entry.get("tensors") or {}).items():
-            key = _tensor_key(name, attr)
-            if attr not in _TENSOR_ATTRS or not isinstance(spec, dict):
-                raise QuantStateError(f"quantization state: quantizer {name!r} has an unknown tensor entry {attr!r}")
-            if key not in tensors:
-                raise QuantStateError(f"quantization state: tensor {key!r} is described but not in the tensor file")
-            t = tensors[key]
-            if list(t.shape) != list(spec.get("shape", [])) or _dtype_name(t.dtype) != spec.get("dtype"):
-                raise QuantStateError(
-                    f"quantization state: tensor {key!r} is {_dtype_name(t.dtype)} {_shape_str(t.shape)} in the tensor "
-                    f"file but {spec.get('dtype')} {_shape_str(spec.get('shape', []))} in the description"
-                )
-            if attr == "_amax":
-                tf = t.float()
-                if not bool(torch.isfinite(tf).all()) or bool((tf < 0).any()):
-                    raise QuantStateError(f"quantization state: {key!r} holds negative or non-finite values")
-            claimed.add(key)
-            loaded[attr] = t
-        out[name] = (attrs, fmt, loaded)
-    extra = sorted(set(tensors) - claimed)
-    if extra:
-        raise QuantStateError(f"quantization state: the tensor file holds tensors the description does not name: {extra[:5]}")
-    return out
 
 
 # --------------------------------------------------------------------------- check against the model
@@ -331,7 +217,7 @@ def _plan(model: nn.Module, meta: Dict[str, Any], checked: Dict[str, Any], stric
             continue
         else:
             rel, quant_classes[name] = _quantizers_added_by_conversion(module)
-            added.update({_join(name, r): name for r in rel})
+            added.update({join_name(name, r): name for r in rel})
             plan.convert.append(name)
         usable.add(name)
 
@@ -349,8 +235,8 @@ def _plan(model: nn.Module, meta: Dict[str, Any], checked: Dict[str, Any], stric
         if amax is not None and owner is not None and _is_weight_quantizer(qname) and qname.rsplit(".", 1)[0] == owner:
             expected = _expected_weight_amax_shape(quant_classes[owner], saved_modules[owner].get("weight_shape"), fmt)
             if expected is not None and amax.numel() not in (1, expected.numel()):
-                plan.add(where, f"amax shape {_shape_str(amax.shape)} of {qname!r} in the saved state vs "
-                                f"{_shape_str(expected)} for the model's weight")
+                plan.add(where, f"amax shape {shape_str(amax.shape)} of {qname!r} in the saved state vs "
+                                f"{shape_str(expected)} for the model's weight")
 
     if strict:
         unquantized = set(meta["unquantized_layers"])
@@ -370,7 +256,7 @@ def _plan(model: nn.Module, meta: Dict[str, Any], checked: Dict[str, Any], stric
 
 
 def _describe_shape(shape) -> str:
-    return "none (no weight)" if shape is None else _shape_str(shape)
+    return "none (no weight)" if shape is None else shape_str(shape)
 
 
 def _first_problem(model: nn.Module, meta: Dict[str, Any], problems: List[Tuple[str, str]]) -> QuantStateMismatch:
@@ -423,9 +309,9 @@ def apply_quant_state(
     quantizable layer or quantizer the state does not describe; without it
     those are left as they are.
     """
-    _check_header(meta)
+    check_header(meta)
     register_transformers_layers()
-    checked = _validated_state(meta, tensors)
+    checked = validated_state(meta, tensors)
     plan = _plan(model, meta, checked, strict)
     if plan.problems:
         raise _first_problem(model, meta, plan.problems)
@@ -441,7 +327,7 @@ def apply_quant_state(
             q = quantizers[qname]
             device = _device_for(model, qname, q)
             q.set_attributes(attrs)
-            for attr, setter in _TENSOR_ATTRS.items():
+            for attr, setter in TENSOR_ATTRS.items():
                 if attr in loaded:
                     setattr(q, setter, loaded[attr].to(device))
                 elif attr == "_amax" and not weight_amax_saved and _is_weight_quantizer(qname):
@@ -451,7 +337,7 @@ def apply_quant_state(
             q.disable_calib()
             q.enable_quant()
             q._warned_uncalibrated = False
-    for key, attr in _MODEL_ATTRS.items():
+    for key, attr in MODEL_ATTRS.items():
         value = meta.get(key)
         if value is None:
             if attr in model.__dict__:
@@ -504,7 +390,7 @@ def restore(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
         meta = json.loads((root / JSON_FILE).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise QuantStateError(f"{str(root / JSON_FILE)!r} is not valid JSON: {e}") from None
-    _check_header(meta)
+    check_header(meta)
     try:
         tensors = st.load_file(str(root / TENSORS_FILE))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
