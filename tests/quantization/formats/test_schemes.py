@@ -188,6 +188,17 @@ def test_int8_per_tensor_by_hand(device):
     assert torch.equal(fake_quant(x, fmt).cpu(), expected)
 
 
+def _reference_single_level(x, num_bits, qmax, amax):
+    """Section 3 computed by hand: s = qmax / amax, q = round(clamp(x * s)), out = q * (amax / qmax)."""
+    s = torch.tensor(qmax) / amax
+    xc = x.cpu()
+    if num_bits == 8:
+        q = torch.clamp(torch.round(xc * s), -128, 127)
+    else:
+        q = torch.clamp(xc * s, -448, 448).to(torch.float8_e4m3fn).float()
+    return s, q, amax / torch.tensor(qmax)
+
+
 @pytest.mark.parametrize("num_bits,qmax", [(8, 127.0), ((4, 3), 448.0)], ids=["int8", "fp8"])
 def test_dequant_multiplies_by_the_checkpoint_scale(num_bits, qmax, device):
     # Fake quant dequantizes as q * scale with scale = amax / qmax, one float32 division: the
@@ -197,13 +208,7 @@ def test_dequant_multiplies_by_the_checkpoint_scale(num_bits, qmax, device):
     fmt = QuantFormat.create(num_bits=num_bits)
     x = make_input((256,), device=device, seed=5)
     amax = torch.tensor(10.0)
-    s = torch.tensor(qmax) / amax
-    scale = amax / torch.tensor(qmax)
-    xc = x.cpu()
-    if num_bits == 8:
-        q = torch.clamp(torch.round(xc * s), -128, 127)
-    else:
-        q = torch.clamp(xc * s, -448, 448).to(torch.float8_e4m3fn).float()
+    s, q, scale = _reference_single_level(x, num_bits, qmax, amax)
     expected = q * scale
     assert not torch.equal(expected, q / s) or not torch.equal(expected, q * (1.0 / s))
     assert torch.equal(fake_quant(x, fmt, amax.to(device)).cpu(), expected)
@@ -219,15 +224,9 @@ def test_scale_is_the_float32_quotient_qmax_over_amax(num_bits, qmax, device):
     fmt = QuantFormat.create(num_bits=num_bits)
     x = make_input((256,), device=device, seed=5)
     amax = torch.tensor(3.0)
-    s = torch.tensor(qmax) / amax
+    s, q, scale = _reference_single_level(x, num_bits, qmax, amax)
     assert s.item() == {127.0: 42.33333206176758, 448.0: 149.3333282470703}[qmax]
-    xc = x.cpu()
-    scale = amax / torch.tensor(qmax)
-    if num_bits == 8:
-        expected = torch.clamp(torch.round(xc * s), -128, 127) * scale
-    else:
-        expected = torch.clamp(xc * s, -448, 448).to(torch.float8_e4m3fn).float() * scale
-    assert torch.equal(fake_quant(x, fmt, amax.to(device)).cpu(), expected)
+    assert torch.equal(fake_quant(x, fmt, amax.to(device)).cpu(), q * scale)
 
 
 def test_per_channel_and_per_token_amax_shapes():
