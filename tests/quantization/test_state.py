@@ -123,6 +123,14 @@ def quantized_small(kind, preset):
     return model, randn(*shape, seed=99)
 
 
+def assert_refused(model, meta, tensors, pattern):
+    """The state is refused with a QuantStateMismatch matching `pattern`, and `model` is left as it was."""
+    before = snapshot(model)
+    with pytest.raises(QuantStateMismatch, match=pattern):
+        apply_quant_state(model, meta, tensors)
+    assert_unchanged(model, before)
+
+
 # --------------------------------------------------------------------------- exact round trips
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -322,41 +330,29 @@ def test_hf_model_with_one_layer_of_another_size():
     meta, tensors = _state(model)
     fresh = build_tiny_model("llama")
     fresh.model.layers[1].self_attn.o_proj = nn.Linear(64, 32, bias=False)
-    before = snapshot(fresh)
-    with pytest.raises(QuantStateMismatch, match=r"at 'model\.layers\.1\.self_attn\.o_proj': weight shape "
-                                                 r"\[64, 64\] in the saved state vs \[32, 64\] in the model$"):
-        apply_quant_state(fresh, meta, tensors)
-    assert_unchanged(fresh, before)
+    assert_refused(fresh, meta, tensors, r"at 'model\.layers\.1\.self_attn\.o_proj': weight shape "
+                                                 r"\[64, 64\] in the saved state vs \[32, 64\] in the model$")
 
 
 def test_missing_layer():
     meta, tensors = _state(quantized_small("mlp", "int8")[0])
     fresh = mlp()[:2]  # no layer "2"
-    before = snapshot(fresh)
-    with pytest.raises(QuantStateMismatch, match="at '2': the layer is missing from the model$"):
-        apply_quant_state(fresh, meta, tensors)
-    assert_unchanged(fresh, before)
+    assert_refused(fresh, meta, tensors, "at '2': the layer is missing from the model$")
 
 
 def test_layer_of_another_class():
     meta, tensors = _state(quantized_small("mlp", "int8")[0])
     fresh = mlp()
     fresh[2] = nn.Conv1d(32, 8, 1)
-    before = snapshot(fresh)
-    with pytest.raises(QuantStateMismatch, match=r"at '2': class torch\.nn\.modules\.linear\.Linear in the saved "
-                                                 r"state vs torch\.nn\.modules\.conv\.Conv1d in the model$"):
-        apply_quant_state(fresh, meta, tensors)
-    assert_unchanged(fresh, before)
+    assert_refused(fresh, meta, tensors, r"at '2': class torch\.nn\.modules\.linear\.Linear in the saved "
+                                                 r"state vs torch\.nn\.modules\.conv\.Conv1d in the model$")
 
 
 def test_extra_layer_fails_strict_and_is_left_alone_otherwise():
     model, x = quantized_small("mlp", "int8")
     meta, tensors = _state(model)
     fresh = nn.Sequential(*mlp(), nn.Linear(8, 8))
-    before = snapshot(fresh)
-    with pytest.raises(QuantStateMismatch, match="at '3': the model has this Linear layer but the saved state does not"):
-        apply_quant_state(fresh, meta, tensors)
-    assert_unchanged(fresh, before)
+    assert_refused(fresh, meta, tensors, "at '3': the model has this Linear layer but the saved state does not")
     apply_quant_state(fresh, meta, tensors, strict=False)
     assert type(fresh[3]) is nn.Linear
     assert torch.equal(fresh[:3](x), model(x))
@@ -366,10 +362,7 @@ def test_unknown_quantizer():
     meta, tensors = _state(quantized_small("mlp", "int8")[0])
     meta["quantizers"]["2.bias_quantizer"] = {"attributes": {"num_bits": 8}, "tensors": {}}
     fresh = mlp()
-    before = snapshot(fresh)
-    with pytest.raises(QuantStateMismatch, match="at '2': unknown quantizer '2.bias_quantizer'"):
-        apply_quant_state(fresh, meta, tensors)
-    assert_unchanged(fresh, before)
+    assert_refused(fresh, meta, tensors, "at '2': unknown quantizer '2.bias_quantizer'")
 
 
 def test_model_quantizer_without_saved_state_fails_strict():
@@ -384,11 +377,8 @@ def test_amax_that_does_not_fit_the_weight():
     tensors["0.weight_quantizer._amax"] = torch.ones(5)
     meta["quantizers"]["0.weight_quantizer"]["tensors"]["_amax"]["shape"] = [5]
     target = mtq.quantize(mlp(), "fp8", loop_over([randn(4, 16)]), share_input_amax=False)  # must stay as it is
-    before = snapshot(target)
-    with pytest.raises(QuantStateMismatch, match=r"at '0': amax shape \[5\] of '0.weight_quantizer' in the saved "
-                                                 r"state vs \[32, 1\] for the model's weight"):
-        apply_quant_state(target, meta, tensors)
-    assert_unchanged(target, before)
+    assert_refused(target, meta, tensors, r"at '0': amax shape \[5\] of '0.weight_quantizer' in the saved "
+                                                 r"state vs \[32, 1\] for the model's weight")
 
 
 def test_inconsistent_state_is_refused():
