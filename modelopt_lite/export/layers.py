@@ -126,8 +126,11 @@ class GroupValues:
 
 
 def _weight_amax(q: TensorQuantizer, shared: GroupValues) -> Optional[torch.Tensor]:
+    """The per-tensor/channel/block amax, or for two-level formats the global one (the group's when fused)."""
     if shared.weight_amax is not None:
         return shared.weight_amax
+    if q.fmt.amax_is_global:
+        return q.effective_global_amax()
     return q.amax if q.uses_static_amax else None
 
 
@@ -135,13 +138,18 @@ def quantize_weight(module: nn.Module, shared: GroupValues) -> QuantizedTensor:
     q = module.weight_quantizer
     w = float_weight(module)
     resmooth = _resmooth_factor(module, shared)
+    glob = None
     if resmooth is not None:
+        # Smoothing scales unified after calibration: block amaxes no longer fit, only the global does.
         w = (w.float() * resmooth).to(w.dtype)
         amax = None if q.fmt.scale is None and q.fmt.block_sizes else _weight_amax(q, shared)
+    elif q.fmt.amax_is_global and q.amax is not None and q.amax.numel() > 1:
+        amax, glob = q.amax, _weight_amax(q, shared)  # static per-block amaxes under the (shared) global
     else:
         amax = _weight_amax(q, shared)
     with torch.no_grad():
-        return quantize(w, q.fmt, None if amax is None else amax.to(w.device))
+        return quantize(w, q.fmt, None if amax is None else amax.to(w.device),
+                        None if glob is None else glob.to(w.device))
 
 
 def _resmooth_factor(module: nn.Module, shared: GroupValues) -> Optional[torch.Tensor]:

@@ -85,7 +85,7 @@ def _group_values(model: nn.Module, names: List[str], algos: Dict[str, str]) -> 
             warnings.warn(f"export: {names} have different input amaxes; using the largest for all "
                           "(quantize() shares them; this checkpoint differs slightly from the fake-quant model)")
     if algo in ("NVFP4", "W4A16_NVFP4", "W4A8_NVFP4_FP8"):
-        weights = [m.weight_quantizer.amax for m in mods]
+        weights = [m.weight_quantizer.effective_global_amax() for m in mods]
         if all(w is not None for w in weights):
             gv.weight_amax = _max_of(weights)
             if any(not torch.equal(w.float(), gv.weight_amax) for w in weights):

@@ -104,7 +104,8 @@ def share_input_amax_by_graph(model: nn.Module, example_inputs=None, graphs=None
         # One per-tensor weight scale per fused GEMM (q/k/v, gate/up), as runtimes requantize to it.
         weights = [getattr(m, "weight_quantizer", None) for m in modules]
         if all(isinstance(q, TensorQuantizer) for q in weights):
-            _merge_amax(weights, per_tensor_only=True)
+            if not _merge_global_amax(weights):
+                _merge_amax(weights, per_tensor_only=True)
     model._modelopt_lite_shared_inputs = applied
     model._modelopt_lite_residual_writers = residual_writers(graphs, want=has_input_quantizer)
     return applied
@@ -124,6 +125,22 @@ def _merge_amax(quantizers: List[TensorQuantizer], per_tensor_only: bool = False
         shared = torch.stack([q.amax for q in usable]).amax(dim=0)
         for q in usable:
             q.amax = shared.clone()
+    return True
+
+
+def _merge_global_amax(quantizers: List[TensorQuantizer]) -> bool:
+    """Two-level formats with static per-block amaxes: one global amax for the group (the largest)."""
+    if not all(q.is_enabled and q.fmt.amax_is_global and q.amax is not None for q in quantizers):
+        return False
+    if all(q.amax.numel() == 1 for q in quantizers) or any(q._spec != quantizers[0]._spec for q in quantizers):
+        return False
+    with torch.no_grad():
+        shared = torch.stack([q.effective_global_amax() for q in quantizers]).amax()
+        for q in quantizers:
+            if q.amax.numel() > 1:
+                q.global_amax = shared
+            else:
+                q.amax = shared.clone()
     return True
 
 

@@ -58,13 +58,36 @@ def _(x, amax, spec):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("modelopt_lite::fake_quant_blocks", mutates_args=())
+def _fake_quant_blocks_op(x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor, spec: str) -> torch.Tensor:
+    return fake_quant(x, format_from_spec(spec), block_amax, global_amax)
+
+
+@_fake_quant_blocks_op.register_fake
+def _(x, block_amax, global_amax, spec):
+    return torch.empty_like(x)
+
+
 def _backward(ctx, grad):
     return grad, None, None
 
 
+def _backward_blocks(ctx, grad):
+    return grad, None, None, None
+
+
 _fake_quant_op.register_autograd(_backward)
+_fake_quant_blocks_op.register_autograd(_backward_blocks)
 
 
-def fake_quant_ste(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor] = None, spec: Optional[str] = None) -> torch.Tensor:
-    """`formats.fake_quant` whose gradient passes straight through to `x`."""
-    return _fake_quant_op(x, amax, spec if spec is not None else format_to_spec(fmt))
+def fake_quant_ste(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor] = None, spec: Optional[str] = None,
+                   global_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`formats.fake_quant` whose gradient passes straight through to `x`.
+
+    With `global_amax` (two-level formats with static per-block amaxes whose
+    global scale is shared by a fused layer) a second op carries both.
+    """
+    spec = spec if spec is not None else format_to_spec(fmt)
+    if global_amax is not None:
+        return _fake_quant_blocks_op(x, amax, global_amax, spec)
+    return _fake_quant_op(x, amax, spec)

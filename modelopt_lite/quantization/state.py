@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .conversion import name_quantizers, named_quantizers
-from .formats import compute_amax
+from .formats import block_amax, compute_amax
 from .nn import QUANT_MODULES, QuantModule, register_transformers_layers
 from ..utils.fs import atomic_directory
 from .state_format import (
@@ -158,15 +158,24 @@ def _quantizers_added_by_conversion(module: nn.Module) -> Tuple[List[str], type]
     return added, type(stand_in)
 
 
-def _expected_weight_amax_shape(module_cls: type, weight_shape: Optional[List[int]], fmt) -> Optional[torch.Size]:
-    """The amax shape max calibration gives for the layer's weight (on the meta device: no memory)."""
+def _expected_weight_amax(module_cls: type, weight_shape: Optional[List[int]], fmt) -> Optional[Tuple[torch.Size, set]]:
+    """The amax shape max calibration gives for the layer's weight, and every size calibration can give.
+
+    Sizes: one value, the max-calibration shape, and for two-level formats
+    one per block (searches). Computed on the meta device: no memory.
+    """
     if weight_shape is None:
         return None
     shape = list(weight_shape)
     if getattr(module_cls, "weight_axis_last", False) and len(shape) == 2:
         shape = shape[::-1]
     try:
-        return compute_amax(torch.empty(shape, device="meta"), fmt).shape
+        w = torch.empty(shape, device="meta")
+        expected = compute_amax(w, fmt).shape
+        sizes = {1, expected.numel()}
+        if fmt.amax_is_global:
+            sizes.add(block_amax(w, fmt).numel())
+        return expected, sizes
     except Exception:  # noqa: BLE001 - a format the weight cannot take is reported by the caller
         return None
 
@@ -233,10 +242,10 @@ def _plan(model: nn.Module, meta: Dict[str, Any], checked: Dict[str, Any], stric
             continue
         amax = loaded.get("_amax")
         if amax is not None and owner is not None and _is_weight_quantizer(qname) and qname.rsplit(".", 1)[0] == owner:
-            expected = _expected_weight_amax_shape(quant_classes[owner], saved_modules[owner].get("weight_shape"), fmt)
-            if expected is not None and amax.numel() not in (1, expected.numel()):
+            expected = _expected_weight_amax(quant_classes[owner], saved_modules[owner].get("weight_shape"), fmt)
+            if expected is not None and amax.numel() not in expected[1]:
                 plan.add(where, f"amax shape {shape_str(amax.shape)} of {qname!r} in the saved state vs "
-                                f"{shape_str(expected)} for the model's weight")
+                                f"{shape_str(expected[0])} for the model's weight")
 
     if strict:
         unquantized = set(meta["unquantized_layers"])

@@ -19,7 +19,7 @@ STATE_VERSION = 1
 JSON_FILE = "quant_state.json"
 TENSORS_FILE = "quant_state.safetensors"
 
-TENSOR_ATTRS = {"_amax": "amax", "_pre_quant_scale": "pre_quant_scale"}  # buffer -> TensorQuantizer setter
+TENSOR_ATTRS = {"_amax": "amax", "_pre_quant_scale": "pre_quant_scale", "_global_amax": "global_amax"}  # buffer -> TensorQuantizer setter
 MODEL_ATTRS = {  # meta key -> attribute `quantize` leaves on the model
     "quant_config": "_modelopt_lite_quant_config",
     "shared_inputs": "_modelopt_lite_shared_inputs",

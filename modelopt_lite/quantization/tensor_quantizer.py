@@ -26,7 +26,8 @@ class TensorQuantizer(nn.Module):
     unchanged unless quantization is also on); quantizing. A static
     quantizer uses its calibrated `_amax` buffer (saved in `state_dict`); a
     dynamic one derives amax from each input. `pre_quant_scale`, when set,
-    multiplies the input first (SmoothQuant/AWQ smoothing).
+    multiplies the input first (SmoothQuant/AWQ smoothing), even while the
+    quantizer is disabled.
     """
 
     def __init__(self, attributes: Union[QuantizerAttributeConfig, Dict[str, Any], None] = None, name: str = ""):
@@ -38,8 +39,10 @@ class TensorQuantizer(nn.Module):
         self._warned_uncalibrated = False
         self._amax: Optional[torch.Tensor]
         self._pre_quant_scale: Optional[torch.Tensor]
+        self._global_amax: Optional[torch.Tensor]
         self.register_buffer("_amax", None)
         self.register_buffer("_pre_quant_scale", None)
+        self.register_buffer("_global_amax", None)
         self.fmt: QuantFormat = to_format(self._attrs)
         self._spec = format_to_spec(self.fmt)
         self.calibrator = CALIBRATORS.get(self._attrs["calibrator"])(self)
@@ -70,6 +73,7 @@ class TensorQuantizer(nn.Module):
         self._attrs, self.fmt, self._spec = new, fmt, format_to_spec(fmt)
         if changed:
             self._amax = None
+            self._global_amax = None
         if changed or calib_changed:
             self.calibrator = CALIBRATORS.get(new["calibrator"])(self)
 
@@ -119,6 +123,35 @@ class TensorQuantizer(nn.Module):
         self._amax = value
 
     @property
+    def global_amax(self) -> Optional[torch.Tensor]:
+        """Two-level formats with static per-block amaxes: the global amax, when it is not theirs.
+
+        Set when a fused layer (q/k/v, gate/up) shares one global scale; None
+        means the maximum of the per-block amaxes.
+        """
+        return self._global_amax
+
+    @global_amax.setter
+    def global_amax(self, value: Optional[torch.Tensor]) -> None:
+        if value is None:
+            self._global_amax = None
+            return
+        if not self.fmt.amax_is_global:
+            raise ValueError(f"quantizer {self.name!r}: global_amax applies to two-level formats (NVFP4), not {self.fmt.name}")
+        value = torch.as_tensor(value, dtype=torch.float32).detach().clone().reshape(())
+        if not bool(torch.isfinite(value)) or float(value) < 0:
+            raise ValueError(f"quantizer {self.name!r}: global_amax must be finite and non-negative, got {value}")
+        self._global_amax = value
+
+    def effective_global_amax(self) -> Optional[torch.Tensor]:
+        """Two-level formats: the amax the global scale comes from (None before calibration or for other formats)."""
+        if not self.fmt.amax_is_global or self._amax is None:
+            return None
+        if self._global_amax is not None and self._amax.numel() > 1:
+            return self._global_amax
+        return self._amax.float().amax()
+
+    @property
     def pre_quant_scale(self) -> Optional[torch.Tensor]:
         return self._pre_quant_scale
 
@@ -130,9 +163,10 @@ class TensorQuantizer(nn.Module):
         """Derive amax from each input from now on (the fallback for unseen inputs)."""
         self._attrs["type"] = "dynamic"
         self._amax = None
+        self._global_amax = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        for name in ("_amax", "_pre_quant_scale"):
+        for name in ("_amax", "_pre_quant_scale", "_global_amax"):
             if prefix + name in state_dict:
                 setattr(self, name, state_dict[prefix + name].detach().clone())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
@@ -151,7 +185,12 @@ class TensorQuantizer(nn.Module):
         self._quantizing = False
 
     def load_calib_amax(self) -> bool:
-        """Store the calibrator's result as `_amax`; False when it saw no data."""
+        """Store the calibrator's result as `_amax`; False when it saw no data.
+
+        A collective under torch.distributed (the calibrator reduces its
+        statistics across ranks first): call it on every rank.
+        """
+        self.calibrator.sync()
         amax = self.calibrator.compute_amax()
         if amax is None:
             return False
@@ -161,15 +200,19 @@ class TensorQuantizer(nn.Module):
 
     # ----------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._attrs["enable"]:
-            return x
+        # Smoothing is part of the layer's math (the weight was scaled by its inverse), so it
+        # applies also when quantization is off (weight-only AWQ keeps its input unquantized).
         if self._pre_quant_scale is not None:
             x = x * self._pre_quant_scale.to(x.dtype)
+        if not self._attrs["enable"]:
+            return x
         if self._calibrating:
             self.calibrator.collect(x)
         if not self._quantizing:
             return x
-        return fake_quant_ste(x, self.fmt, self._amax_for(x), self._spec)
+        amax = self._amax_for(x)
+        glob = self._global_amax if amax is not None and amax.numel() > 1 else None
+        return fake_quant_ste(x, self.fmt, amax, self._spec, global_amax=glob)
 
     def _amax_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         if not self.uses_static_amax:

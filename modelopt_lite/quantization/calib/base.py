@@ -44,6 +44,18 @@ class Calibrator(abc.ABC):
     """Collects statistics with `collect(x)`; `compute_amax()` gives the result.
 
     `quantizer` is the owning TensorQuantizer (for its format and name).
+
+    Protocol with the calibration algorithms:
+
+    * `next_pass()` is called after each run of the forward loop; a
+      calibrator that needs the data again (an MSE search that first needs
+      the range) prepares its next pass and returns True, and the loop runs
+      again for it. The default is one pass.
+    * `sync()` is called once, on every rank, before `compute_amax()`: under
+      torch.distributed it reduces the statistics across ranks (see
+      `modelopt_lite.utils.dist`), so every rank computes the same amax.
+      Calibrators call collectives in a fixed order and unconditionally,
+      also when they saw no data.
     """
 
     def __init__(self, quantizer):
@@ -64,6 +76,13 @@ class Calibrator(abc.ABC):
 
     def reset(self) -> None:
         self.num_batches = 0
+
+    def next_pass(self) -> bool:
+        """Prepare another pass over the data; False (the default) when done."""
+        return False
+
+    def sync(self) -> None:
+        """Reduce the statistics across data-parallel ranks (no-op in one process)."""
 
     def check_finite(self, stat: torch.Tensor) -> None:
         if not bool(torch.isfinite(stat).all()):

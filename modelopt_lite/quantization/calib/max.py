@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ...utils.dist import all_reduce_optional
 from ..formats import compute_amax
 from .base import CALIBRATORS, Calibrator
 
@@ -30,6 +31,9 @@ class MaxCalibrator(Calibrator):
                 )
             self._amax = torch.maximum(self._amax, amax)
         self.num_batches += 1
+
+    def sync(self) -> None:
+        self._amax = all_reduce_optional(self._amax, "max")
 
     def compute_amax(self) -> Optional[torch.Tensor]:
         return self._amax

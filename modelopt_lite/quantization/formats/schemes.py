@@ -21,7 +21,7 @@ import torch
 from .blocks import Blocking, channel_amax, normalize_axes
 from .elements import E4M3, E8M0, ElementFormat, FloatFormat, IntFormat, parse_format
 
-__all__ = ["QuantFormat", "QuantizedTensor", "fake_quant", "quantize", "dequantize", "compute_amax", "dequant_scale", "TINY_AMAX"]
+__all__ = ["QuantFormat", "QuantizedTensor", "fake_quant", "quantize", "dequantize", "compute_amax", "block_amax", "dequant_scale", "TINY_AMAX"]
 
 TINY_AMAX = 2.0**-24
 """An amax at or below this quantizes every value to zero."""
@@ -162,6 +162,19 @@ def compute_amax(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return channel_amax(x.detach(), fmt.axis)
 
 
+def block_amax(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Per-block abs-max of `x` for a block format, one value per block (the blocking's scale shape).
+
+    For single-level block formats this is what a max calibrator stores; for
+    two-level formats (NVFP4) it is the static per-block amax that searches
+    (MSE, AWQ clipping, GPTQ) start from.
+    """
+    if not fmt.block_sizes:
+        raise ValueError(f"{fmt.name} {fmt.granularity} has no blocks")
+    blocking = Blocking(x.shape, fmt.blocks)
+    return blocking.block_amax(blocking.to_blocks(x.detach().float())).reshape(blocking.scale_shape)
+
+
 def _check_input(x: torch.Tensor, fmt: QuantFormat):
     if not x.is_floating_point():
         raise TypeError(f"cannot quantize a {x.dtype} tensor; expected float32, float16 or bfloat16")
@@ -181,8 +194,10 @@ def _fit_amax(amax: torch.Tensor, target_shape, what: str) -> torch.Tensor:
     return amax.reshape(target_shape)
 
 
-def _core(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor]):
+def _core(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor], global_amax: Optional[torch.Tensor] = None):
     """Quantize to grid values. Returns (q, blocking, scales) with q in float32."""
+    if global_amax is not None and fmt.scale is not E4M3:
+        raise ValueError(f"global_amax applies to two-level formats (NVFP4) only, not {fmt.name}")
     _check_input(x, fmt)
     xf = x.float()
     elem = fmt.element
@@ -203,8 +218,15 @@ def _core(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor]):
 
     if blocking is None:
         raise ValueError("two-level and MX formats need block_sizes")
-    bamax = blocking.expand(blocking.block_amax(xf))
     qmax = elem.max_value
+    if fmt.scale is E4M3 and amax is not None and amax.numel() > 1:
+        # Static per-block amaxes (from an MSE or clipping search); the global is theirs unless given.
+        bamax = blocking.expand(_fit_amax(amax, blocking.scale_shape, "block"))
+        amax = amax.float().amax() if global_amax is None else global_amax
+    else:
+        bamax = blocking.expand(blocking.block_amax(xf))
+        if global_amax is not None:
+            amax = global_amax
     if fmt.scale is E4M3:
         gamax = bamax.amax() if amax is None else _fit_amax(amax, (), "global")
         tiny = gamax <= TINY_AMAX
@@ -253,23 +275,28 @@ def _dequant_values(q: torch.Tensor, fmt: QuantFormat, scales: dict) -> torch.Te
     return q * scales["X"]
 
 
-def fake_quant(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor] = None,
+               global_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Quantize then dequantize `x`, computed in float32, returned in x's dtype.
 
     `amax`: per tensor / per channel / per block for single-level formats,
-    the global amax for two-level formats, unused for MX; None computes it
-    from `x` (dynamic quantization).
+    unused for MX; None computes it from `x` (dynamic quantization). For
+    two-level formats it is either the global amax (a scalar; block amaxes
+    come from the data) or static per-block amaxes (one per block, e.g.
+    from an MSE search), whose global is `global_amax` when given (a fused
+    layer's shared value) and otherwise their maximum.
     """
-    q, blocking, scales = _core(x, fmt, amax)
+    q, blocking, scales = _core(x, fmt, amax, global_amax)
     out = _dequant_values(q, fmt, scales)
     if blocking is not None:
         out = blocking.from_blocks(out)
     return out.to(x.dtype)
 
 
-def quantize(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor] = None) -> QuantizedTensor:
-    """Quantize `x` to codes and scales (see `fake_quant` for `amax`)."""
-    q, blocking, scales = _core(x, fmt, amax)
+def quantize(x: torch.Tensor, fmt: QuantFormat, amax: Optional[torch.Tensor] = None,
+             global_amax: Optional[torch.Tensor] = None) -> QuantizedTensor:
+    """Quantize `x` to codes and scales (see `fake_quant` for `amax` and `global_amax`)."""
+    q, blocking, scales = _core(x, fmt, amax, global_amax)
     if not fmt.element.has_nan and bool(torch.isnan(q).any()):
         raise ValueError(f"NaN in the input cannot be encoded as {fmt.name} codes")
     codes = fmt.element.encode(q)
