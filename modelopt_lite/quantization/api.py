@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .algorithms import calibrate
 from .config import QuantizeConfig
+from .layerwise import layerwise_calibrate
 from .conversion import named_quantizers, replace_quant_modules, set_quantizer_by_cfg
 from .nn import QuantWeightModule
 from .presets import get_config
@@ -27,6 +28,7 @@ def quantize(
     config: ConfigLike,
     forward_loop: Optional[Callable[[nn.Module], Any]] = None,
     share_input_amax: bool = True,
+    layerwise: Union[bool, str, Dict[str, Any]] = False,
 ) -> nn.Module:
     """Quantize `model` in place and return it.
 
@@ -42,6 +44,15 @@ def quantize(
     checkpoints need; their per-tensor weight amaxes (FP8, and NVFP4's
     global amax) are unified the same way. The groups are kept in
     ``model._modelopt_lite_shared_inputs``.
+
+    With `layerwise` the algorithm runs on one decoder layer at a time, each
+    fed the outputs of the quantized layers before it, so peak activation
+    memory is one layer's (see `layerwise.layerwise_calibrate`): True finds
+    the layer stack, a string names it (``"model.layers"``), a dict gives
+    ``{"layers": path, "feed": "quantized" | "float"}``.
+    Under torch.distributed every statistic is reduced across ranks, so each
+    rank ends with the same quantizers as one process calibrating on all the
+    ranks' data.
     """
     cfg = get_config(config)
     converted = replace_quant_modules(model)
@@ -49,7 +60,14 @@ def quantize(
         warnings.warn("quantize: the model has no layer of a registered class; nothing was quantized")
     set_quantizer_by_cfg(model, cfg)
     with _first_call_inputs(model) as seen:
-        calibrate(model, cfg.algorithm, forward_loop)
+        if layerwise:
+            options = layerwise if isinstance(layerwise, dict) else {"layers": layerwise}
+            unknown = set(options) - {"layers", "feed"}
+            if unknown:
+                raise ValueError(f"quantize: layerwise options are 'layers' and 'feed', got {sorted(unknown)}")
+            layerwise_calibrate(model, cfg.algorithm, forward_loop, options.get("layers", True), options.get("feed", "quantized"))
+        else:
+            calibrate(model, cfg.algorithm, forward_loop)
     if share_input_amax:
         share_input_amax_by_graph(model, example_inputs=seen.get("inputs"))
     model._modelopt_lite_quant_config = cfg.model_dump(mode="json", exclude_unset=True)
