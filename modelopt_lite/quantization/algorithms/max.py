@@ -32,23 +32,32 @@ def max_calibrate(model: nn.Module, forward_loop: ForwardLoop | None = None) -> 
 
 
 def run_calibration_passes(model: nn.Module, forward_loop: ForwardLoop | None, quantizers: List[TensorQuantizer]) -> None:
-    """Run the loop with `quantizers` collecting (quantization off), as many passes as their calibrators ask."""
-    active = list(quantizers)
-    for _ in range(MAX_PASSES):
-        _one_pass(model, forward_loop, active)
-        if forward_loop is None:
-            return
-        # Every rank asks every calibrator, in the same order (next_pass may reduce across ranks).
-        active = [q for q in active if q.calibrator.next_pass()]
-        if not active:
-            return
-    raise RuntimeError(f"calibrators still asked for more data after {MAX_PASSES} passes: "
-                       f"{', '.join(q.name for q in active[:5])}")
+    """Run the loop with `quantizers` collecting, as many passes as their calibrators ask.
+
+    Quantization stays off for all of them until the last pass ends (their
+    amaxes are loaded by the caller), so every pass sees the same tensors.
+    """
+    for q in quantizers:
+        q.disable_quant()
+    try:
+        active = list(quantizers)
+        for _ in range(MAX_PASSES):
+            _one_pass(model, forward_loop, active)
+            if forward_loop is None:
+                return
+            # Every rank asks every calibrator, in the same order (next_pass may reduce across ranks).
+            active = [q for q in active if q.calibrator.next_pass()]
+            if not active:
+                return
+        raise RuntimeError(f"calibrators still asked for more data after {MAX_PASSES} passes: "
+                           f"{', '.join(q.name for q in active[:5])}")
+    finally:
+        for q in quantizers:
+            q.enable_quant()
 
 
 def _one_pass(model: nn.Module, forward_loop: ForwardLoop | None, quantizers: List[TensorQuantizer]) -> None:
     for q in quantizers:
-        q.disable_quant()
         q.enable_calib()
     try:
         if forward_loop is not None:
@@ -57,4 +66,3 @@ def _one_pass(model: nn.Module, forward_loop: ForwardLoop | None, quantizers: Li
     finally:
         for q in quantizers:
             q.disable_calib()
-            q.enable_quant()
