@@ -159,7 +159,8 @@ def load_hf_checkpoint(path: Union[str, Path], *, dtype: Optional[torch.dtype] =
     else:
         _quantize_from_config(model, quant, reader)
     quantized = {n: m for n, m in model.named_modules()
-                 if isinstance(m, QuantModule) and m.weight_quantizer.is_enabled}
+                 if isinstance(m, QuantModule) and isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer)
+                 and m.weight_quantizer.is_enabled}
     algos = _layer_algos(quant, quantized)
     state: Dict[str, torch.Tensor] = {}
     used = set()
