@@ -90,6 +90,49 @@ def test_ptq_nvfp4_on_tiny_local_models(kind, tiny_models, tmp_path, capsys):
         assert len(lm_head_rows) == 3 and all(row[-1] == "no" for row in lm_head_rows)
 
 
+@needs_default_model
+def test_ptq_kv_cache_fp8_on_tiny_llama_with_hf_export(tiny_models, tmp_path, capsys):
+    report_path, out_dir = tmp_path / "report.json", tmp_path / "ckpt"
+    rc = main(["ptq", "--model", str(tiny_models["llama"]), "--qformat", "fp8", "--kv-cache-qformat", "fp8",
+               "--calib-size", "8", "--batch-size", "8", "--max-length", "16", "--report-json", str(report_path),
+               "--export", "hf", "--out", str(out_dir)])
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    # the report names both the config and the KV-cache format
+    assert report["config"] == "fp8" and report["kv_cache_qformat"] == "fp8"
+    out = capsys.readouterr().out
+    assert "Config: fp8   KV cache: fp8" in out
+    # the summary shows the calibrated FP8 k/v quantizers of both layers; query and softmax stay off
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if "_bmm_quantizer" in line}
+    for i in range(2):
+        for role in "kv":
+            row = rows[f"model.layers.{i}.self_attn.{role}_bmm_quantizer"]
+            assert row[1] == "fp8_e4m3" and row[-1] == "yes" and float(row[3]) > 0
+        assert rows[f"model.layers.{i}.self_attn.q_bmm_quantizer"][-1] == "no"
+    # the checkpoint declares an FP8 KV cache and carries the k/v scales
+    hf_cfg = json.loads((out_dir / "hf_quant_config.json").read_text())["quantization"]
+    assert hf_cfg["quant_algo"] == "FP8" and hf_cfg["kv_cache_quant_algo"] == "FP8"
+    from safetensors import safe_open
+
+    keys = set()
+    for path in out_dir.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            keys |= set(f.keys())
+    assert {f"model.layers.{i}.self_attn.{r}_proj.{r}_scale" for i in range(2) for r in "kv"} <= keys
+
+
+def test_ptq_kv_cache_qformat_rejects_unknown_values(capsys):
+    # argparse choices: a usage error (exit code 2) listing the valid values, before anything is loaded
+    with pytest.raises(SystemExit) as e:
+        main(["ptq", "--kv-cache-qformat", "int4"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kv-cache-qformat" in err and "fp8" in err and "nvfp4" in err and "none" in err
+    # a KV-cache preset as --qformat quantizes the KV cache alone; another KV format next to it is refused
+    assert main(["ptq", "--qformat", "fp8_kv", "--kv-cache-qformat", "nvfp4", "--model", "/nonexistent"]) == 2
+    assert "fp8_kv is a KV-cache config (fp8)" in capsys.readouterr().err
+
+
 def test_python_m_modelopt_lite_help():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "modelopt_lite", "--help"], cwd=REPO, env=env,

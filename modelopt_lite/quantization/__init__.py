@@ -17,8 +17,18 @@ from .conversion import (
     set_quantizer_attribute,
     set_quantizer_by_cfg,
 )
-from .nn import QUANT_MODULES, QuantInputModule, QuantModule, QuantWeightModule, register_quant_module
-from .presets import PRESET_INFO, PRESETS, QFORMATS, get_config, load_config_file
+from .nn import QUANT_MODULES, QuantAttention, QuantInputModule, QuantModule, QuantWeightModule, register_quant_module
+from .presets import (
+    KV_CACHE_QFORMATS,
+    PRESET_INFO,
+    PRESETS,
+    QFORMATS,
+    compose_configs,
+    get_config,
+    is_kv_cache_preset,
+    load_config_file,
+    with_kv_cache,
+)
 from .state import save, restore, quant_state_dict, apply_quant_state
 from .summary import print_quant_summary, quant_summary
 from .tensor_quantizer import TensorQuantizer
@@ -33,4 +43,5 @@ __all__ = [
     "QuantWeightModule", "register_quant_module", "PRESET_INFO", "PRESETS", "QFORMATS", "get_config",
     "load_config_file", "print_quant_summary", "quant_summary", "TensorQuantizer",
     "save", "restore", "quant_state_dict", "apply_quant_state", *PRESETS,
+    "QuantAttention", "compose_configs", "with_kv_cache", "is_kv_cache_preset", "KV_CACHE_QFORMATS",
 ]

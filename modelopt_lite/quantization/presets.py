@@ -5,6 +5,15 @@ A preset file holds `quant_cfg` and `algorithm`, plus `name` (the constant),
 `exclusions` (a list in `_exclusions.yaml` appended to `quant_cfg`, so the
 layers deployments keep in high precision stay unquantized). A user's YAML
 file of the same shape works wherever a preset name does.
+
+A preset with `kv_cache: <short name>` is a KV-cache add-on (FP8_KV_CFG,
+NVFP4_KV_CFG; `PRESET_INFO[name]["kv_cache"]` and `KV_CACHE_QFORMATS` list
+them): it sets only the attention's k/v quantizers and has no `default`
+entry, so it composes with any weight/activation config through
+`compose_configs` or `with_kv_cache`. Applied on its own like any other
+config it leaves every other quantizer as it is; for the KV cache alone,
+compose it with a config that turns the rest off:
+``with_kv_cache({"quant_cfg": {"default": {"enable": False}}}, "fp8")``.
 """
 
 from __future__ import annotations
@@ -12,14 +21,14 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import yaml
 
 from .config import ConfigError, QuantizeConfig, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quant"
-_META_KEYS = {"name", "qformat", "description", "exclusions"}
+_META_KEYS = {"name", "qformat", "description", "exclusions", "kv_cache"}
 
 
 def _read_yaml(path: Path) -> Dict[str, Any]:
@@ -70,7 +79,7 @@ def _config_from_data(data: Dict[str, Any], path: Path) -> Dict[str, Any]:
 
 
 def _load_presets():
-    by_name, by_qformat, info = {}, {}, {}
+    by_name, by_qformat, info, kv_short = {}, {}, {}, {}
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         if path.name.startswith("_"):
             continue
@@ -79,10 +88,27 @@ def _load_presets():
         by_name[meta["name"]] = config
         by_qformat[meta["qformat"]] = meta["name"]
         info[meta["name"]] = {"qformat": meta["qformat"], "description": meta.get("description", ""), "path": path}
-    return by_name, by_qformat, info
+        if meta.get("kv_cache"):
+            if "default" in config["quant_cfg"]:
+                raise ConfigError(f"{path}: a KV-cache add-on must not have a 'default' entry (it would reset "
+                                  "the config it is composed with)")
+            kv_short[str(meta["kv_cache"])] = meta["name"]
+            info[meta["name"]]["kv_cache"] = str(meta["kv_cache"])
+    return by_name, by_qformat, info, kv_short
 
 
-PRESETS, QFORMATS, PRESET_INFO = _load_presets()
+PRESETS, QFORMATS, PRESET_INFO, KV_CACHE_QFORMATS = _load_presets()
+"""`PRESETS`: configs by constant name; `QFORMATS`: short name -> constant name; `PRESET_INFO`: qformat,
+description, path (and `kv_cache` for the add-ons); `KV_CACHE_QFORMATS`: the KV-cache add-ons by the short
+name `with_kv_cache` takes ("fp8" -> "FP8_KV_CFG", "nvfp4" -> "NVFP4_KV_CFG")."""
+
+
+def is_kv_cache_preset(config) -> bool:
+    """True when `config` names a KV-cache add-on preset, by constant name or qformat ("FP8_KV_CFG", "fp8_kv")."""
+    if not isinstance(config, str):
+        return False
+    name = config if config in PRESETS else QFORMATS.get(config.lower())
+    return name is not None and "kv_cache" in PRESET_INFO[name]
 
 
 def get_config(config: Union[str, Path, Dict[str, Any], QuantizeConfig]) -> QuantizeConfig:
@@ -102,3 +128,49 @@ def get_config(config: Union[str, Path, Dict[str, Any], QuantizeConfig]) -> Quan
         f"unknown quantization config {key!r}: give a preset ({', '.join(sorted(PRESETS))}), "
         f"a qformat ({', '.join(sorted(QFORMATS))}) or a YAML file path"
     )
+
+
+def compose_configs(base, *extras) -> QuantizeConfig:
+    """`base` with the entries of each of `extras` applied after its own, as one QuantizeConfig.
+
+    Every argument is anything `get_config` takes, e.g. a KV-cache add-on
+    by name or qformat ("FP8_KV_CFG", "fp8_kv"). The extras'
+    `quant_cfg` entries come after the base's (later entries override
+    earlier ones; an extra's key that the base also has replaces it and
+    moves to the end). An extra may not have a `default` entry, since
+    `default` is applied before everything else and would reset the base.
+    The algorithm is the base's; when the base has none (dynamic formats
+    such as MX), the first extra's that has one, so static quantizers the
+    extras add are calibrated. The arguments are not modified.
+    """
+    config = get_config(base)
+    entries = dict(config.quant_cfg)
+    algorithm = config.algorithm
+    for i, extra in enumerate(extras):
+        part = get_config(extra)
+        if "default" in part.quant_cfg:
+            shown = extra if isinstance(extra, str) else f"extra config #{i + 1}"
+            raise ConfigError(f"compose_configs: {shown!r} has a 'default' entry, which would reset the base "
+                              "config; remove it from the config being added")
+        for key, value in part.quant_cfg.items():
+            entries.pop(key, None)
+            entries[key] = value
+        if algorithm is None:
+            algorithm = part.algorithm
+    return QuantizeConfig(quant_cfg=copy.deepcopy(entries), algorithm=copy.deepcopy(algorithm))
+
+
+def with_kv_cache(config, kv_cache: Optional[str]) -> QuantizeConfig:
+    """`config` with its KV cache quantized: `kv_cache` is "fp8", "nvfp4", or "none"/None (config unchanged).
+
+    The attention modules' ``k_bmm_quantizer`` / ``v_bmm_quantizer`` (the
+    post-RoPE keys and values a KV cache stores) get the add-on's format;
+    see `compose_configs` for how the two configs combine.
+    """
+    if kv_cache is None or str(kv_cache).lower() == "none":
+        return get_config(config)
+    key = str(kv_cache).lower()
+    if key not in KV_CACHE_QFORMATS:
+        raise ConfigError(f"unknown KV-cache format {kv_cache!r}: choose one of "
+                          f"{', '.join(sorted(KV_CACHE_QFORMATS))} or none")
+    return compose_configs(config, KV_CACHE_QFORMATS[key])
