@@ -135,7 +135,10 @@ def _quantize_from_config(model: nn.Module, quant: dict, reader: CheckpointReade
                 key = f"{name}.{role}_proj.{role}_scale"
                 proj = getattr(m, f"{role}_proj", None)
                 if key in reader and isinstance(proj, QuantModule):
-                    q = proj.output_quantizer
+                    # The attention's own k/v quantizer (post-RoPE, what the cache holds) when there is one.
+                    q = getattr(m, f"{role}_bmm_quantizer", None)
+                    if not isinstance(q, TensorQuantizer):
+                        q = proj.output_quantizer
                     q.set_attributes({"num_bits": "e4m3", "axis": None} if kv == "FP8" else
                                      {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": "e4m3"}})
                     q.amax = reader.get(key).float() * (FP8_MAX if kv == "FP8" else NVFP4_GLOBAL)
