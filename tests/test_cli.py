@@ -140,3 +140,20 @@ def test_python_m_modelopt_lite_help():
     # --help exits 0 and lists the ptq command
     assert proc.returncode == 0, proc.stderr
     assert "usage: modelopt-lite" in proc.stdout and "ptq" in proc.stdout
+
+
+@needs_default_model
+def test_ptq_under_torchrun_equals_one_process(tiny_models, tmp_path):
+    """Two gloo ranks calibrate on half the sentences each and report what one process reports on all of them."""
+    common = ["ptq", "--model", str(tiny_models["llama"]), "--qformat", "int8_sq", "--calib-size", "16",
+              "--batch-size", "4", "--max-length", "16", "--no-summary"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    dp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "modelopt_lite",
+                         *common, "--report-json", str(tmp_path / "dp.json")],
+                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert dp.returncode == 0, dp.stderr[-2000:]
+    assert dp.stdout.count("Fidelity on 120 held-out sentences") == 1  # only rank 0 reports
+    assert main([*common, "--report-json", str(tmp_path / "one.json")]) == 0
+    two, one = json.loads((tmp_path / "dp.json").read_text()), json.loads((tmp_path / "one.json").read_text())
+    assert two.pop("ranks") == 2 and one.pop("ranks") == 1
+    assert two == one

@@ -7,11 +7,16 @@ held-out ones. `--kv-cache-qformat fp8|nvfp4` also quantizes the KV cache
 `--export hf|trtllm|onnx --out DIR` then writes a Hugging Face unified
 checkpoint, a TensorRT-LLM checkpoint (`--tp N` ranks) or
 `DIR/model.onnx`, which is run in ONNX Runtime and compared with the
-PyTorch model.
+PyTorch model. Under ``torchrun --nproc-per-node N -m modelopt_lite ptq``
+each rank calibrates on its shard of the sentences and the statistics are
+reduced across ranks (gloo on CPU, NCCL on GPUs); rank 0 reports and
+exports.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from pathlib import Path
@@ -53,6 +58,34 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    """Run the command; under torchrun (WORLD_SIZE > 1) calibrate data-parallel, rank 0 reporting."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _run(args, rank=0, world=1)
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        cuda = str(args.device).startswith("cuda")
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            args.device = f"cuda:{local}"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    try:
+        if rank == 0:
+            return _run(args, rank, world)
+        with contextlib.redirect_stdout(io.StringIO()):  # one report, from rank 0
+            return _run(args, rank, world)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _run(args, rank: int, world: int) -> int:
     from .. import quantization as mtq
     from ..data import calibration_sentences, heldout_sentences, read_text_file
     from ..eval import embed, fidelity_report
@@ -80,7 +113,9 @@ def run(args) -> int:
 
     batches = [tokenize(tok, calib[i : i + args.batch_size], args.device, args.max_length)
                for i in range(0, len(calib), args.batch_size)]
-    loop_fn = mtq.create_forward_loop(batches, desc=f"Calibrating on {len(calib)} sentences")
+    batches = batches[rank::world]  # data-parallel: each rank calibrates on its shard; statistics are reduced
+    loop_fn = mtq.create_forward_loop(batches, desc=f"Calibrating on {len(calib)} sentences"
+                                      + (f" ({world} ranks)" if world > 1 else ""), progress=rank == 0)
     if loaded.kind == "decoder":
         forward_loop = lambda m: loop_fn(_NoCache(m))  # noqa: E731
     else:
@@ -96,9 +131,11 @@ def run(args) -> int:
           f"calibration: {len(calib)} sentences")
     print(report)
     print(f"Done in {time.time() - start:.1f} s")
+    if rank != 0:
+        return 0
     if args.report_json:
         data = {"config": config_name, "kv_cache_qformat": kv_cache, "model": str(loaded.path),
-                "calib_size": len(calib), **report.as_dict()}
+                "calib_size": len(calib), "ranks": world, **report.as_dict()}
         with atomic_file(Path(args.report_json), overwrite=True) as tmp:
             tmp.write_text(json.dumps(data, indent=2) + "\n")
     if args.export:
