@@ -2,6 +2,9 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/fidelity.py [--out docs/FIDELITY.md] [--only Q1,Q2] [--model DIR]
 
+Rows are also kept in docs/fidelity.json (`--json`); with `--only`, the
+other rows come from that file, so one preset can be re-measured alone.
+
 The float model is loaded once; each preset quantizes a fresh copy,
 calibrated on the first `--calib-size` shipped calibration sentences, and
 is evaluated on the held-out sentences (never seen in calibration): the
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import platform
 import sys
 import time
@@ -95,22 +99,31 @@ def run(args) -> int:
         name = EXTRA[q][0] + " + max" if q in EXTRA else mtq.QFORMATS[q]
         algo = mtq.get_config(_config(q)).algorithm
         algo = algo.get("method") if isinstance(algo, dict) else algo
-        rows[q] = {"preset": name, "algorithm": algo, "seconds": seconds, **report.as_dict()}
+        rows[q] = {"preset": name, "algorithm": algo, "seconds": round(seconds, 1), **report.as_dict()}
         print(f"{q:18s} cos {report.mean_cosine:.4f} min {report.min_cosine:.4f} "
               f"spearman {report.spearman_pairwise:.4f} calib {seconds:.1f}s", flush=True)
         del model
     loaded.model = float_model
 
+    if args.json:
+        path = Path(args.json)
+        kept = json.loads(path.read_text()) if args.only and path.is_file() else {}
+        kept.update(rows)
+        rows = {q: kept[q] for q in sorted(kept, key=lambda q: (q in EXTRA, q))}
+        _write(path, json.dumps(rows, indent=1) + "\n")
     text = render(rows, args, len(calib), len(heldout))
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
-        print(f"wrote {out}")
+        _write(Path(args.out), text)
+        print(f"wrote {args.out}")
     else:
         print(text)
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def render(rows: Dict[str, dict], args, n_calib: int, n_heldout: int) -> str:
@@ -161,6 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--out", help="write the Markdown report here (default: print it)")
+    p.add_argument("--json", default=str(ROOT / "docs" / "fidelity.json"),
+                   help="rows as JSON; with --only, rows of other presets are read from it (default docs/fidelity.json)")
     return run(p.parse_args(argv))
 
 

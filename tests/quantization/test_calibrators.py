@@ -1,11 +1,5 @@
 """Histogram (percentile, entropy, MSE) and MSE-search calibrators: known answers, exact merging, data parallel."""
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -20,7 +14,8 @@ from modelopt_lite.quantization.calib.histogram import _entropy_scores, _mse_sco
 from modelopt_lite.quantization.calib.mse import DEFAULT_MULTIPLIERS
 from modelopt_lite.quantization.formats import Blocking, fake_quant
 
-ROOT = Path(__file__).resolve().parents[2]
+from dist_harness import run_ranks
+
 NVFP4 = {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": "e4m3"}}
 
 
@@ -445,43 +440,19 @@ def rank_data():
     return data
 
 
-WORKER = """
-import sys
-import torch
-import torch.distributed as dist
-
-rank, init, data_file, out_file = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=2)
-from modelopt_lite.quantization import TensorQuantizer
-from tests.quantization.test_calibrators import CASES, calibrate
-
-data = torch.load(data_file)
-result = {}
-for name, (attrs, qname) in CASES.items():
-    q = TensorQuantizer(attrs, name=qname)
-    result[name] = (calibrate(q, *data[name][rank]), q.global_amax)
-torch.save(result, out_file)
-dist.destroy_process_group()
-"""
-
-
-def test_data_parallel_sync_equals_one_process(tmp_path):
+def _calibrate_rank(rank, world):
+    """One rank of the data-parallel test: every case calibrated on this rank's batches."""
     data = rank_data()
-    torch.save(data, tmp_path / "data.pt")
-    (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(r), str(tmp_path / "init"),
-                               str(tmp_path / "data.pt"), str(tmp_path / f"out{r}.pt")], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    try:
-        outputs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:  # a rank that failed leaves the other waiting in a collective
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out.decode()[-3000:]
-    results = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+    result = {}
+    for name, (attrs, qname) in CASES.items():
+        q = TensorQuantizer(attrs, name=qname)
+        result[name] = (calibrate(q, *data[name][rank]), q.global_amax)
+    return result
+
+
+def test_data_parallel_sync_equals_one_process():
+    data = rank_data()
+    results = run_ranks(_calibrate_rank)
     for name, (attrs, qname) in CASES.items():
         q = TensorQuantizer(attrs, name=qname)
         single = calibrate(q, *data[name][0], *data[name][1])

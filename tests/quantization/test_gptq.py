@@ -8,14 +8,14 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import modelopt_lite.quantization as mtq
 from modelopt_lite.quantization.algorithms.common import quantizers_off
 from modelopt_lite.quantization.algorithms.gptq import ColumnGrid, _discover, gptq_quantize, inverse_hessian_factor
 from modelopt_lite.quantization.formats import QuantFormat, block_amax, compute_amax, fake_quant
+
+from dist_harness import run_ranks
 
 INT4_B128 = {"num_bits": 4, "block_sizes": {-1: 128}}
 NVFP4 = {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": "e4m3"}}
@@ -333,33 +333,29 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _dist_worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
+def _dist_rank(rank, world):
     warnings.simplefilter("ignore")
     batches = [CALIB[0], CALIB[1] * 1.5]
-    results = {}
-    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
-    try:
-        m = mtq.quantize(_two_layer(), config("nvfp4_gptq", inputs=True), lambda mod: mod(batches[rank]),
-                         share_input_amax=False)
-        results["ranks"] = _state(m)
-    finally:
-        dist.destroy_process_group()
-    # one process on all the data, with the same threads
-    m = mtq.quantize(_two_layer(), config("nvfp4_gptq", inputs=True), lambda mod: [mod(b) for b in batches],
+    m = mtq.quantize(_two_layer(), config("nvfp4_gptq", inputs=True), lambda mod: mod(batches[rank]),
                      share_input_amax=False)
-    results["single"] = _state(m)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    return _state(m)
 
 
-def test_two_processes_equal_one_process_on_all_data(tmp_path):
-    mp.spawn(_dist_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    single = r0["single"]
+def test_two_processes_equal_one_process_on_all_data():
+    ranks = run_ranks(_dist_rank)  # each rank: one thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one process on all the data, with the ranks' thread count
+    try:
+        batches = [CALIB[0], CALIB[1] * 1.5]
+        m = mtq.quantize(_two_layer(), config("nvfp4_gptq", inputs=True), lambda mod: [mod(b) for b in batches],
+                         share_input_amax=False)
+    finally:
+        torch.set_num_threads(threads)
+    single = _state(m)
     assert {"0.weight_quantizer._amax", "0.input_quantizer._amax", "2.weight_quantizer._amax"} <= set(single)
     assert single["0.weight_quantizer._amax"].shape == (128, 16)  # static per-block NVFP4 amaxes
     assert not torch.equal(single["0.weight"], _two_layer()[0].weight.detach())  # GPTQ moved the weights
-    for got in (r0["ranks"], r1["ranks"]):
+    for got in ranks:
         assert got.keys() == single.keys()
         for k in single:
             assert torch.equal(got[k], single[k]), k
