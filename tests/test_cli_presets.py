@@ -41,7 +41,8 @@ def test_every_preset_runs_on_a_tiny_llama(qformat, tiny_models, tmp_path):
 
 @needs_default_model
 def test_int4_awq_beats_int4_max_on_real_minilm(tmp_path):
-    awq = _ptq(tmp_path, "--qformat", "int4_awq", "--calib-size", "32")
-    rtn = _ptq(tmp_path, "--qformat", "int4_wo", "--calib-size", "32")
+    awq = _ptq(tmp_path, "--qformat", "int4_awq", "--calib-size", "16")
+    rtn = _ptq(tmp_path, "--qformat", "int4_wo", "--calib-size", "16")
     assert awq["config"] == "int4_awq" and awq["sentences"] == 120
+    # measured 0.9554 against 0.9408 with 16 sentences
     assert awq["mean_cosine"] > rtn["mean_cosine"] + 0.005, (awq, rtn)
