@@ -15,7 +15,7 @@ from torch import fx, nn
 from .collection import GraphCollection
 from .graph_utils import SAME_VALUE_OPS, op_name, same_value_op
 
-__all__ = ["shared_input_groups", "residual_writers"]
+__all__ = ["shared_input_groups", "residual_writers", "same_value"]
 
 # Ops and modules whose output is their input's value (in eval mode), so readers through them read the same activation.
 _SAME_VALUE_OPS = SAME_VALUE_OPS | {"dropout"}
@@ -32,7 +32,8 @@ def _module(entry_module: nn.Module, node: fx.Node) -> Optional[nn.Module]:
         return None
 
 
-def _same_value(entry_module: nn.Module, node: fx.Node) -> bool:
+def same_value(entry_module: nn.Module, node: fx.Node) -> bool:
+    """True when `node` passes its first input's value on unchanged (dropout, no-op casts and the like)."""
     if node.op == "call_module":
         return isinstance(_module(entry_module, node), _SAME_VALUE_MODULES)
     return same_value_op(node, _SAME_VALUE_OPS)
@@ -46,7 +47,7 @@ def _readers(entry_module: nn.Module, node: fx.Node, want: Callable[[nn.Module],
         m = _module(entry_module, user)
         if m is not None and first is node and want(m):
             out.append(user)
-        elif first is node and _same_value(entry_module, user):
+        elif first is node and same_value(entry_module, user):
             out.extend(_readers(entry_module, user, want))
     return out
 
@@ -90,7 +91,7 @@ def residual_writers(graphs: GraphCollection, want: Optional[Callable[[nn.Module
             while frontier:
                 cur = frontier.pop()
                 for user in cur.users:
-                    if _same_value(entry.module, user) and user.args and user.args[0] is cur:
+                    if same_value(entry.module, user) and user.args and user.args[0] is cur:
                         frontier.append(user)
                     elif user.op in ("call_function", "call_method") and op_name(user) in _ADD_OPS:
                         other = [a for a in user.args[:2] if isinstance(a, fx.Node) and a is not cur]

@@ -32,6 +32,7 @@ from .registry import ForwardLoop
 __all__ = [
     "weight_layers", "weight_matrix", "set_weight_matrix", "fake_quant_weight",
     "capture_inputs", "quantizers_off", "run_loop", "require_loop", "first_call_inputs", "input_groups",
+    "trace_model", "partition_by_input",
 ]
 
 
@@ -147,6 +148,33 @@ def first_call_inputs(model: nn.Module, forward_loop: ForwardLoop) -> Optional[T
     return seen.get("inputs")
 
 
+def trace_model(model: nn.Module, forward_loop: ForwardLoop, who: str, otherwise: str):
+    """The model's graphs, traced in float with the loop's first inputs; None (with a warning) when it cannot be traced."""
+    from ...trace import recursive_trace
+
+    try:
+        with quantizers_off(model):
+            example = first_call_inputs(model, forward_loop)
+            return recursive_trace(model, example_inputs=example)
+    except Exception as e:  # noqa: BLE001 - the graph improves the result, it is not required
+        import warnings
+
+        warnings.warn(f"{who}: could not trace the model ({type(e).__name__}: {e}); {otherwise}")
+        return None
+
+
+def partition_by_input(layers: Dict[str, nn.Module], graphs) -> List[List[str]]:
+    """`layers` partitioned by the activation they read (from `graphs`; all alone without them), in model order."""
+    from ...trace import shared_input_groups
+
+    found = [[n for n in g if n in layers] for g in shared_input_groups(graphs)] if graphs is not None else []
+    multi = [g for g in found if len(g) > 1]
+    grouped = {n for g in multi for n in g}
+    out = multi + [[n] for n in layers if n not in grouped]
+    order = {n: i for i, n in enumerate(layers)}
+    return sorted(out, key=lambda g: order[g[0]])
+
+
 def input_groups(model: nn.Module, layers: Dict[str, nn.Module], forward_loop: Optional[ForwardLoop]) -> List[List[str]]:
     """`layers` partitioned by the activation they read: q/k/v together, gate/up together, the rest alone.
 
@@ -154,23 +182,7 @@ def input_groups(model: nn.Module, layers: Dict[str, nn.Module], forward_loop: O
     the model cannot be traced every layer is its own group. Smoothing
     scales are searched per group, so fused layers end with one scale.
     """
-    from ...trace import recursive_trace, shared_input_groups
-
-    groups: List[List[str]] = []
+    graphs = None
     if forward_loop is not None and len(layers) > 1:
-        try:
-            with quantizers_off(model):
-                example = first_call_inputs(model, forward_loop)
-                graphs = recursive_trace(model, example_inputs=example)
-            groups = [[n for n in g if n in layers] for g in shared_input_groups(graphs)]
-        except Exception as e:  # noqa: BLE001 - grouping improves fused layers, it is not required
-            import warnings
-
-            warnings.warn(f"could not trace the model to group layers that share an input "
-                          f"({type(e).__name__}: {e}); each layer is smoothed on its own")
-            groups = []
-    grouped = {n for g in groups for n in g if len(g) > 1}
-    out = [g for g in groups if len(g) > 1]
-    out += [[n] for n in layers if n not in grouped]
-    order = {n: i for i, n in enumerate(layers)}
-    return sorted(out, key=lambda g: order[g[0]])
+        graphs = trace_model(model, forward_loop, "grouping layers that share an input", "each layer is smoothed on its own")
+    return partition_by_input(layers, graphs)

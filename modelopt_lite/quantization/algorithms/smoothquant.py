@@ -34,8 +34,8 @@ import torch
 from torch import fx, nn
 
 from ...utils.dist import all_reduce_optional
-from .common import (capture_inputs, first_call_inputs, quantizers_off, require_loop, run_loop, set_weight_matrix,
-                     weight_layers, weight_matrix)
+from .common import (capture_inputs, partition_by_input, quantizers_off, require_loop, run_loop, set_weight_matrix,
+                     trace_model, weight_layers, weight_matrix)
 from .max import max_calibrate
 from .registry import ForwardLoop, register_algorithm
 
@@ -111,8 +111,9 @@ def smoothquant(model: nn.Module, forward_loop: Optional[ForwardLoop] = None, al
     layers = {n: m for n, m in weight_layers(model) if m.input_quantizer.is_enabled}
     placed: Dict[str, str] = {}
     if layers:
-        graphs = _trace(model, loop)
-        groups = _groups(layers, graphs)
+        graphs = trace_model(model, loop, "smoothquant",
+                             "every layer is smoothed on its own and keeps its scale as pre_quant_scale")
+        groups = partition_by_input(layers, graphs)
         act = _activation_maxima(model, loop, layers)
         tied = set(shared_weight_layers(model, list(layers)))
         plans = []
@@ -164,32 +165,6 @@ def _activation_maxima(model: nn.Module, loop: ForwardLoop, layers: Dict[str, nn
     return {n: all_reduce_optional(stats.get(n), "max") for n in layers}
 
 
-def _trace(model: nn.Module, loop: ForwardLoop):
-    """The model's graphs (traced with the loop's first inputs), or None when it cannot be traced."""
-    from ...trace import recursive_trace
-
-    try:
-        with quantizers_off(model):
-            example = first_call_inputs(model, loop)
-            return recursive_trace(model, example_inputs=example)
-    except Exception as e:  # noqa: BLE001 - without a graph every layer is smoothed alone, with pre_quant_scale
-        warnings.warn(f"smoothquant: could not trace the model ({type(e).__name__}: {e}); every layer is smoothed "
-                      "on its own and keeps its scale as pre_quant_scale")
-        return None
-
-
-def _groups(layers: Dict[str, nn.Module], graphs) -> List[List[str]]:
-    """`layers` partitioned by the activation they read (the partition `common.input_groups` makes)."""
-    from ...trace import shared_input_groups
-
-    found = [[n for n in g if n in layers] for g in shared_input_groups(graphs)] if graphs is not None else []
-    multi = [g for g in found if len(g) > 1]
-    grouped = {n for g in multi for n in g}
-    out = multi + [[n] for n in layers if n not in grouped]
-    order = {n: i for i, n in enumerate(layers)}
-    return sorted(out, key=lambda g: order[g[0]])
-
-
 # ------------------------------------------------------------------ folding
 def _full(entry, target: str) -> str:
     return f"{entry.name}.{target}" if entry.name else target
@@ -206,24 +181,24 @@ def _call_sites(graphs) -> Dict[str, list]:
 
 def _source(entry, node: fx.Node) -> Optional[fx.Node]:
     """The node whose value reaches `node`'s first input, looking through ops that keep the value (dropout, casts)."""
-    from ...trace.fanout import _same_value
+    from ...trace.fanout import same_value
 
     src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    while src is not None and _same_value(entry.module, src):
+    while src is not None and same_value(entry.module, src):
         src = src.args[0] if src.args and isinstance(src.args[0], fx.Node) else None
     return src
 
 
 def _only_read_by(entry, node: fx.Node, members: set) -> bool:
     """True when every use of `node`'s value (through value-keeping ops) is the first input of a group member."""
-    from ...trace.fanout import _same_value
+    from ...trace.fanout import same_value
 
     todo = [node]
     while todo:
         cur = todo.pop()
         for user in cur.users:
             first = user.args[0] if user.args else None
-            if first is cur and _same_value(entry.module, user):
+            if first is cur and same_value(entry.module, user):
                 todo.append(user)
                 continue
             if user.op != "call_module" or first is not cur or _full(entry, user.target) not in members:
