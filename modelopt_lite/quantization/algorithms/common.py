@@ -132,7 +132,7 @@ def first_call_inputs(model: nn.Module, forward_loop: ForwardLoop) -> Optional[T
     seen: Dict[str, Tuple[tuple, dict]] = {}
 
     class _Stop(Exception):
-        pass
+        """Ends the forward loop once the first call's inputs are kept."""
 
     def hook(module, args, kwargs):
         seen["inputs"] = (tuple(args), dict(kwargs))
@@ -140,9 +140,8 @@ def first_call_inputs(model: nn.Module, forward_loop: ForwardLoop) -> Optional[T
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        forward_loop(model)
-    except _Stop:
-        pass
+        with contextlib.suppress(_Stop):
+            forward_loop(model)
     finally:
         handle.remove()
     return seen.get("inputs")

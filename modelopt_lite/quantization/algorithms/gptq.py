@@ -52,6 +52,7 @@ the scales stay those of the original layout), `sequential` (True).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -315,10 +316,8 @@ def _discover(model: nn.Module, layers: Dict[str, nn.Module], loop: ForwardLoop)
 
     handle = model.register_forward_pre_hook(stop_second)
     try:
-        with capture_inputs(layers, record):
+        with contextlib.suppress(_Stop), capture_inputs(layers, record):  # one batch is enough
             run_loop(model, loop)
-    except _Stop:
-        pass
     finally:
         handle.remove()
         prev[0] = None
