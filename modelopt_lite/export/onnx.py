@@ -130,7 +130,8 @@ def _placeholder_op():
         param, optional = schema.FormalParameter, schema.FormalParameterOption.Optional
         floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
         onnx.defs.register_schema(schema(
-            _PLACEHOLDER, _DOMAIN, 1, inputs=[param("x", "T"), param("amax", "A", param_option=optional)],
+            _PLACEHOLDER, _DOMAIN, 1, inputs=[param("x", "T"), param("amax", "A", param_option=optional),
+                                              param("global_amax", "A", param_option=optional)],
             outputs=[param("y", "T")], type_constraints=[("T", floats, ""), ("A", floats, "")],
             attributes=[schema.Attribute("spec", schema.AttrType.STRING, "the format as JSON")]))
     return getattr(onnxscript.values.Opset(_DOMAIN, 1), _PLACEHOLDER)
@@ -162,12 +163,16 @@ def _torch_export(wrapper: _Flat, flat: tuple, names: List[str], dynamic_axes, o
     def translate(x, amax=None, spec: str = ""):
         return op(x, amax, spec=spec)
 
+    def translate_blocks(x, block_amax, global_amax, spec: str = ""):
+        return op(x, block_amax, global_amax, spec=spec)
+
     def run(shapes):
         with warnings.catch_warnings():  # inputs sharing "batch"/"seq" is what we ask for
             warnings.filterwarnings("ignore", message=r".*axis name: \w+ will not be used")
             return torch.onnx.export(
                 wrapper, flat, dynamo=True, opset_version=opset, verbose=False, dynamic_shapes=shapes,
-                custom_translation_table={torch.ops.modelopt_lite.fake_quant.default: translate}).model_proto
+                custom_translation_table={torch.ops.modelopt_lite.fake_quant.default: translate,
+                                          torch.ops.modelopt_lite.fake_quant_blocks.default: translate_blocks}).model_proto
 
     if not dynamic_axes:
         return run(None)
@@ -191,13 +196,20 @@ def _lower_one(g: subgraphs.Graph, node, consts, types, flavour: str) -> str:
     amax = consts(amax_name) if amax_name else None
     if amax_name and amax is None:
         raise ValueError("its amax is not a constant of the graph")
+    glob_name = node.input[2] if len(node.input) > 2 else ""
+    glob = consts(glob_name) if glob_name else None  # NVFP4 per-block amaxes under a shared global
+    if glob_name and glob is None:
+        raise ValueError("its global amax is not a constant of the graph")
     elem_type, dims = types.get(x, (TensorProto.FLOAT, None))
     w = consts(x)
     if w is not None:
-        y = subgraphs.quantized_constant(g, w, amax, fmt, flavour)
+        y = subgraphs.quantized_constant(g, w, amax, fmt, flavour, glob)
     else:
-        if not dims or not isinstance(dims[-1], int):
-            raise ValueError(f"input {x!r} needs a known rank and a static last dimension")
+        if not dims:
+            raise ValueError(f"input {x!r} needs a known rank")
+        per_tensor = amax is not None and not fmt.block_sizes and not subgraphs.is_two_level(fmt)
+        if not per_tensor and not isinstance(dims[-1], int):  # blocks and dynamic scales reshape by it
+            raise ValueError(f"input {x!r} needs a static last dimension for {fmt.name} {fmt.granularity}")
         xf = x if elem_type == TensorProto.FLOAT else g.op("Cast", [x], to=TensorProto.FLOAT)
         rank, k = len(dims), dims[-1]
         if subgraphs.is_two_level(fmt):

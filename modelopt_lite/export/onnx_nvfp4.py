@@ -173,10 +173,13 @@ def _code_tensor(codes: torch.Tensor, elem) -> TensorProto:
     raise ValueError(f"{elem.name} weights have no ONNX code type (INT8, INT4, FP8 and NVFP4 are exported)")
 
 
-def quantized_constant(g: Graph, w: torch.Tensor, amax, fmt: QuantFormat, flavour: str) -> str:
-    """A constant quantized once: codes under DequantizeLinear (per tensor, channel or block)."""
+def quantized_constant(g: Graph, w: torch.Tensor, amax, fmt: QuantFormat, flavour: str, global_amax=None) -> str:
+    """A constant quantized once: codes under DequantizeLinear (per tensor, channel or block).
+
+    `global_amax`: NVFP4 static per-block amaxes under a global shared by a fused layer.
+    """
     if is_two_level(fmt):
-        return nvfp4_weight(g, w, amax, fmt, flavour)
+        return nvfp4_weight(g, w, amax, fmt, flavour, global_amax)
     qt = quantize(w, fmt, amax)
     codes = g.const(_code_tensor(qt.codes, fmt.element), "weight")
     attrs: Dict[str, int] = {}
@@ -281,11 +284,11 @@ def _fp8_tensor(values: torch.Tensor) -> TensorProto:
     return helper.make_tensor("", TensorProto.FLOAT8E4M3FN, list(values.shape), raw, raw=True)
 
 
-def nvfp4_weight(g, w: torch.Tensor, amax, fmt: QuantFormat, flavour: str) -> str:
+def nvfp4_weight(g, w: torch.Tensor, amax, fmt: QuantFormat, flavour: str, global_amax=None) -> str:
     """A constant weight quantized to a two-level format; returns its float32 dequantized value."""
     rank = w.dim()
     block = last_axis_block(fmt, rank)
-    qt = quantize(w, fmt, amax)
+    qt = quantize(w, fmt, amax, global_amax)
     s2 = g.const(qt.global_scale.float().reshape(()).numpy(), "weight_scale_2")
     sb = g.const(_fp8_tensor(qt.block_scale), "weight_scale")
     scale = g.op("DequantizeLinear", [sb, s2])  # float(sb) * s2, one per block

@@ -429,3 +429,25 @@ def test_refusals_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="opset 21 is out of range"):
         export_onnx(nvfp4, x, tmp_path / "b.onnx", nvfp4_flavour="tensorrt", opset=21)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("preset", ["nvfp4_mse", "int8_sq"])
+def test_calibration_algorithm_presets_export_exactly(preset, tmp_path_factory):
+    """Searched per-block NVFP4 amaxes under a global shared by q/k/v (and SmoothQuant's scales) export exactly."""
+    model, path, _ = _hf_export(tmp_path_factory, "llama", preset)
+    if preset == "nvfp4_mse":
+        q = model.model.layers[0].self_attn.k_proj.weight_quantizer
+        assert q.amax.numel() > 1 and q.global_amax is not None  # the shared-global form is what is exported
+    result = check_onnx(model, path, _hf_inputs(3, 11, seed=7))
+    assert result["max_rel_diff"] <= EXACT, result
+
+
+def test_softmax_and_kv_quantizers_export(tmp_path_factory):
+    """Static per-tensor quantizers need no static last dimension (the softmax output's is the sequence)."""
+    cfg = mtq.compose_configs("fp8", {"quant_cfg": {"*softmax_quantizer": {"num_bits": "e4m3", "axis": None}}})
+    model, path, _ = _hf_export(tmp_path_factory, "llama", mtq.with_kv_cache(cfg, "fp8"))
+    attn = model.model.layers[0].self_attn
+    assert attn.softmax_quantizer.amax is not None and attn.k_bmm_quantizer.amax is not None
+    for batch, seq in ((3, 11), (1, 5)):
+        result = check_onnx(model, path, _hf_inputs(batch, seq, seed=7))
+        assert result["max_rel_diff"] <= QDQ, result
