@@ -19,18 +19,9 @@ import time
 
 import torch
 
-
-def rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
+from memory import reset_peak, rss_mb  # benchmarks/ is on sys.path when a script here runs
 
 
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..quantization.conversion import replace_quant_modules
-from ..quantization.nn import QuantModule
+from ..quantization.nn import QuantModule, QuantWeightModule
 from ..quantization.state import restore as restore_quant_state
 from ..quantization.tensor_quantizer import TensorQuantizer
 from .hf import STATE_DIR
@@ -162,8 +162,7 @@ def load_hf_checkpoint(path: Union[str, Path], *, dtype: Optional[torch.dtype] =
     else:
         _quantize_from_config(model, quant, reader)
     quantized = {n: m for n, m in model.named_modules()
-                 if isinstance(m, QuantModule) and isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer)
-                 and m.weight_quantizer.is_enabled}
+                 if isinstance(m, QuantWeightModule) and m.weight_quantizer.is_enabled}
     algos = _layer_algos(quant, quantized)
     state: Dict[str, torch.Tensor] = {}
     used = set()

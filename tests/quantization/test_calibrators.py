@@ -11,6 +11,7 @@ from modelopt_lite.quantization.calib import (
     PercentileCalibrator,
 )
 from modelopt_lite.quantization.calib.histogram import _entropy_scores, _mse_scores
+from modelopt_lite.quantization.algorithms.max import run_calibration_passes
 from modelopt_lite.quantization.calib.mse import DEFAULT_MULTIPLIERS
 from modelopt_lite.quantization.formats import Blocking, fake_quant
 
@@ -33,15 +34,7 @@ def with_outliers(n=100_000, seed=0):
 def calibrate(q: TensorQuantizer, *batches: torch.Tensor) -> torch.Tensor:
     """Drive a lone quantizer through the calibration protocol the `max` algorithm uses."""
     q.calibrator.reset()
-    while True:
-        q.disable_quant()
-        q.enable_calib()
-        for b in batches:
-            q(b)
-        q.disable_calib()
-        q.enable_quant()
-        if not q.calibrator.next_pass():
-            break
+    run_calibration_passes(q, lambda m: [m(b) for b in batches], [q])
     assert q.load_calib_amax()
     return q.amax
 

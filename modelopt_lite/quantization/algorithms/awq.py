@@ -43,12 +43,12 @@ from torch import nn
 
 from ...utils.dist import all_reduce
 from ..formats import fake_quant
-from .awq_clip import _subsample, check_clip_format, clip_and_calibrate
-from .common import (capture_inputs, fake_quant_weight, input_groups, quantizers_off, require_loop, run_loop,
-                     weight_layers, weight_matrix)
+from .awq_clip import check_clip_format, clip_and_calibrate
+from .common import (capture_inputs, effective_input, fake_quant_weight, input_groups, quantizers_off, require_loop,
+                     run_loop, shared_weight_layers, subsample_tokens, weight_layers, weight_matrix)
 from .max import max_calibrate
 from .registry import ForwardLoop, register_algorithm
-from .smoothquant import apply_smoothing, effective_input, shared_weight_layers
+from .smoothquant import apply_smoothing
 
 __all__ = ["awq_lite", "awq_full", "awq_lite_search", "awq_scales", "alpha_grid"]
 
@@ -173,7 +173,7 @@ def awq_lite_search(model: nn.Module, forward_loop: ForwardLoop, alpha_step: flo
 
     def score(name: str, x: torch.Tensor) -> None:
         gi = group_of[name]
-        xe = effective_input(layers[name], _subsample(x, max_tokens_per_batch))
+        xe = effective_input(layers[name], subsample_tokens(x, max_tokens_per_batch))
         loss = _candidate_loss(layers[name], xe.reshape(-1, xe.shape[-1]), candidates[gi])
         losses[gi] += loss.cpu()
 

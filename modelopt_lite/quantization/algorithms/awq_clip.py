@@ -39,10 +39,9 @@ from torch import nn
 from ...utils.dist import all_reduce_optional
 from ..formats import Blocking, block_amax, fake_quant
 from ..tensor_quantizer import TensorQuantizer
-from .common import capture_inputs, require_loop, weight_layers, weight_matrix
+from .common import capture_inputs, effective_input, require_loop, subsample_tokens, weight_layers, weight_matrix
 from .max import run_calibration_passes
 from .registry import ForwardLoop, calibrate_weight, register_algorithm
-from .smoothquant import effective_input
 
 __all__ = ["awq_clip", "clip_and_calibrate", "check_clip_format", "DEFAULT_SHRINK_GRID"]
 
@@ -93,14 +92,6 @@ class _BlockGram:
         self.tokens += x.shape[0]
 
 
-def _subsample(x: torch.Tensor, n: Optional[int]) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1])
-    if n is None or x.shape[0] <= n:
-        return x
-    stride = x.shape[0] // n
-    return x[::stride][:n]
-
-
 @torch.no_grad()
 def _best_block_amax(module: nn.Module, gram: torch.Tensor, grid: List[float], global_amax: Optional[torch.Tensor]):
     """Per-block amax (block scale shape) minimising sum_b delta_b^T H_b delta_b, and the ratio chosen per block."""
@@ -138,7 +129,7 @@ def clip_and_calibrate(model: nn.Module, forward_loop: ForwardLoop, shrink_grid:
 
     def collect(name: str, x: torch.Tensor) -> None:
         if first["pass"]:
-            grams[name].add(effective_input(layers[name], _subsample(x, max_tokens_per_batch)))
+            grams[name].add(effective_input(layers[name], subsample_tokens(x, max_tokens_per_batch)))
 
     def loop_once(m: nn.Module) -> None:
         try:

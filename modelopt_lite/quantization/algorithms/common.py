@@ -18,7 +18,7 @@ with `modelopt_lite.utils.dist`.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from .registry import ForwardLoop
 __all__ = [
     "weight_layers", "weight_matrix", "set_weight_matrix", "fake_quant_weight",
     "capture_inputs", "quantizers_off", "run_loop", "require_loop", "first_call_inputs", "input_groups",
-    "trace_model", "partition_by_input",
+    "trace_model", "partition_by_input", "effective_input", "subsample_tokens", "shared_weight_layers",
 ]
 
 
@@ -75,6 +75,29 @@ def fake_quant_weight(module: nn.Module, w: torch.Tensor, amax: Optional[torch.T
     """
     q: TensorQuantizer = module.weight_quantizer
     return fake_quant(w, q.fmt, amax, global_amax)
+
+
+def effective_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as its GEMM sees it: after the input quantizer's pre_quant_scale (when set)."""
+    pqs = module.input_quantizer.pre_quant_scale
+    return x if pqs is None else x * pqs.to(device=x.device, dtype=x.dtype)
+
+
+def subsample_tokens(x: torch.Tensor, n: Optional[int]) -> torch.Tensor:
+    """`x` as ``[tokens, features]``, at most `n` tokens taken at an even stride (all when `n` is None)."""
+    x = x.reshape(-1, x.shape[-1])
+    if n is None or x.shape[0] <= n:
+        return x
+    stride = x.shape[0] // n
+    return x[::stride][:n]
+
+
+def shared_weight_layers(model: nn.Module, names: Sequence[str]) -> List[str]:
+    """Those of `names` whose weight parameter also belongs to another module (tied embeddings)."""
+    owners: Dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    return [n for n in names if owners.get(id(model.get_submodule(n).weight), 0) > 1]
 
 
 @contextlib.contextmanager

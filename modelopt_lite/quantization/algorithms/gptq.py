@@ -62,11 +62,10 @@ from torch import nn
 from ...utils.dist import all_reduce, all_reduce_optional, broadcast_object
 from ..formats import E4M3, TINY_AMAX, Blocking, QuantFormat, block_amax, compute_amax, dequant_scale, quantize
 from ..tensor_quantizer import TensorQuantizer
-from .common import (capture_inputs, quantizers_off, require_loop, run_loop, set_weight_matrix, weight_layers,
-                     weight_matrix)
+from .common import (capture_inputs, effective_input, quantizers_off, require_loop, run_loop, set_weight_matrix,
+                     shared_weight_layers, weight_layers, weight_matrix)
 from .max import run_calibration_passes
 from .registry import ForwardLoop, register_algorithm
-from .smoothquant import effective_input, shared_weight_layers
 
 __all__ = ["gptq_calibrate", "gptq_quantize", "ColumnGrid", "inverse_hessian_factor"]
 

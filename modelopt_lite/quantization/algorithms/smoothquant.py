@@ -34,13 +34,13 @@ import torch
 from torch import fx, nn
 
 from ...utils.dist import all_reduce_optional
-from .common import (capture_inputs, partition_by_input, quantizers_off, require_loop, run_loop, set_weight_matrix,
-                     trace_model, weight_layers, weight_matrix)
+from .common import (capture_inputs, effective_input, partition_by_input, quantizers_off, require_loop, run_loop,
+                     set_weight_matrix, shared_weight_layers, trace_model, weight_layers, weight_matrix)
 from .max import max_calibrate
 from .registry import ForwardLoop, register_algorithm
 
-__all__ = ["smoothquant", "smoothing_scale", "effective_input", "scale_weight_columns", "divide_input", "apply_smoothing",
-           "shared_weight_layers", "SCALE_MIN", "SCALE_MAX"]
+__all__ = ["smoothquant", "smoothing_scale", "scale_weight_columns", "divide_input", "apply_smoothing",
+           "SCALE_MIN", "SCALE_MAX"]
 
 SCALE_MIN = 1e-4
 SCALE_MAX = 1e4
@@ -54,12 +54,6 @@ def smoothing_scale(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: fl
     s = a.pow(alpha) / w.pow(1.0 - alpha)
     s = torch.where((a > 0) & (w > 0) & torch.isfinite(s), s, torch.ones_like(s))
     return s.clamp(SCALE_MIN, SCALE_MAX).float()
-
-
-def effective_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A layer's input as its GEMM sees it: after the input quantizer's pre_quant_scale (when set)."""
-    pqs = module.input_quantizer.pre_quant_scale
-    return x if pqs is None else x * pqs.to(device=x.device, dtype=x.dtype)
 
 
 @torch.no_grad()
@@ -84,14 +78,6 @@ def apply_smoothing(modules: Sequence[nn.Module], s: torch.Tensor) -> None:
     """W' = W * s (per input column) and input / s through pre_quant_scale: the float output is unchanged."""
     scale_weight_columns(modules, s)
     divide_input(modules, s)
-
-
-def shared_weight_layers(model: nn.Module, names: Sequence[str]) -> List[str]:
-    """Those of `names` whose weight parameter also belongs to another module (tied embeddings)."""
-    owners: Dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
-    return [n for n in names if owners.get(id(model.get_submodule(n).weight), 0) > 1]
 
 
 @register_algorithm("smoothquant")
