@@ -30,7 +30,8 @@ from .presets import (
     with_kv_cache,
 )
 from .state import save, restore, quant_state_dict, apply_quant_state
-from .summary import print_quant_summary, quant_summary
+from .summary import print_quant_summary, quant_summary, weight_bytes
+from .compress import CompressedLinear, compress, is_compressed
 from .tensor_quantizer import TensorQuantizer
 
 globals().update(PRESETS)  # INT8_DEFAULT_CFG, FP8_DEFAULT_CFG, NVFP4_DEFAULT_CFG, ...
@@ -43,5 +44,5 @@ __all__ = [
     "QuantWeightModule", "register_quant_module", "PRESET_INFO", "PRESETS", "QFORMATS", "get_config",
     "load_config_file", "print_quant_summary", "quant_summary", "TensorQuantizer",
     "save", "restore", "quant_state_dict", "apply_quant_state", *PRESETS,
-    "QuantAttention", "compose_configs", "with_kv_cache", "is_kv_cache_preset", "KV_CACHE_QFORMATS",
+    "QuantAttention", "compress", "CompressedLinear", "is_compressed", "weight_bytes", "compose_configs", "with_kv_cache", "is_kv_cache_preset", "KV_CACHE_QFORMATS",
 ]
