@@ -27,6 +27,13 @@ from torch import nn
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 14336, 32, 8, 128, 128256
 PROMPT, NEW_TOKENS, MAX_LEN = 16, 128, 160
+DEVICE = "cuda"
+
+
+def smoke_settings():
+    """--smoke: a tiny model on the CPU, decode steps run eagerly (checks the script, measures nothing)."""
+    global HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, NEW_TOKENS, DEVICE
+    HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, NEW_TOKENS, DEVICE = 128, 256, 4, 2, 32, 512, 8, "cpu"
 
 VARIANTS = {
     "bf16": None,
@@ -129,10 +136,10 @@ class Llama(nn.Module):
 
 
 def build(layers):
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = Llama(layers)
     model.to(torch.bfloat16)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
@@ -141,7 +148,7 @@ def build(layers):
 
 
 def prompt(batch, seed=1):
-    return torch.randint(0, VOCAB, (batch, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+    return torch.randint(0, VOCAB, (batch, PROMPT), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(seed))
 
 
 def quantized(model, qformat):
@@ -151,18 +158,18 @@ def quantized(model, qformat):
 
     def loop(m):
         m.new_cache(calib.shape[0])
-        m(calib, torch.zeros((), dtype=torch.long, device="cuda"))
+        m(calib, torch.zeros((), dtype=torch.long, device=DEVICE))
 
     mtq.quantize(model, qformat, forward_loop=loop, share_input_amax=False)
     with torch.no_grad():
         model.new_cache(1)
-        ref = model(prompt(1), torch.zeros((), dtype=torch.long, device="cuda"))
+        ref = model(prompt(1), torch.zeros((), dtype=torch.long, device=DEVICE))
     mtq.compress(model)
     with torch.no_grad():
         model.new_cache(1)
-        out = model(prompt(1), torch.zeros((), dtype=torch.long, device="cuda"))
+        out = model(prompt(1), torch.zeros((), dtype=torch.long, device=DEVICE))
     cos = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
-    kernels = sorted({m.kernel_for(torch.empty(1, HIDDEN, device="cuda", dtype=torch.bfloat16)).name
+    kernels = sorted({m.kernel_for(torch.empty(1, HIDDEN, device=DEVICE, dtype=torch.bfloat16)).name
                       for m in model.modules() if isinstance(m, mtq.CompressedLinear)})
     return cos, kernels
 
@@ -171,21 +178,28 @@ def decode(model, batch):
     """Prefill, then NEW_TOKENS greedy steps replayed from one CUDA graph; returns (ms per step, tokens, prefill ms)."""
     model.new_cache(batch)
     ids = prompt(batch)
-    zero = torch.zeros((), dtype=torch.long, device="cuda")
+    zero = torch.zeros((), dtype=torch.long, device=DEVICE)
     with torch.no_grad():
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         first = model(ids, zero).argmax(-1)
-        torch.cuda.synchronize()
+        sync()
         prefill_ms = (time.perf_counter() - t0) * 1e3
         tok = first.clone()
-        pos = torch.full((), PROMPT, dtype=torch.long, device="cuda")
+        pos = torch.full((), PROMPT, dtype=torch.long, device=DEVICE)
 
         def step():
             nxt = model(tok, pos).argmax(-1)
             tok.copy_(nxt)
             pos.add_(1)
 
+        if DEVICE == "cpu":
+            t0 = time.perf_counter()
+            outs = []
+            for _ in range(NEW_TOKENS):
+                step()
+                outs.append(tok.clone())
+            return (time.perf_counter() - t0) * 1e3 / NEW_TOKENS, torch.cat(outs, dim=1), prefill_ms
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -210,6 +224,11 @@ def decode(model, batch):
     return ms, torch.cat(outs, dim=1), prefill_ms
 
 
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def model_bytes(model):
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -220,22 +239,27 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script only")
     args = ap.parse_args()
+    if args.smoke:
+        smoke_settings()
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         model = build(args.layers)
         cos, kernels = (1.0, ["cuBLAS bf16"]) if VARIANTS[variant] is None else quantized(model, VARIANTS[variant])
         weights = model_bytes(model)
         for batch in batches:
-            torch.cuda.reset_peak_memory_stats()
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             ms, tokens, prefill_ms = decode(model, batch)
             row = dict(variant=variant, batch=batch, ms_per_step=ms, tokens_per_s=batch * 1000.0 / ms,
                        prefill_ms=prefill_ms, weights_gb=weights / 1e9,
-                       peak_gb=torch.cuda.max_memory_allocated() / 1e9, logits_cos=cos, kernels=",".join(kernels),
+                       peak_gb=torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else math.nan, logits_cos=cos, kernels=",".join(kernels),
                        tokens_ok=bool(tokens.shape == (batch, NEW_TOKENS)))
             rows.append(row)
             print(row, flush=True)
@@ -243,7 +267,8 @@ def main():
         gc.collect()
     base = {r["batch"]: r["ms_per_step"] for r in rows if r["variant"] == "bf16"}
     params = args.layers * (4 * HIDDEN * HIDDEN // 2 + HIDDEN * HIDDEN // 2 + 3 * HIDDEN * INTER) + 2 * VOCAB * HIDDEN
-    lines = [f"e2e decode, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke run)"
+    lines = [f"e2e decode, {device_name}, torch {torch.__version__}, "
              f"{datetime.date.today().isoformat()}; Llama-shaped, {args.layers} layers, "
              f"{params / 1e9:.2f}B parameters, prompt {PROMPT}, {NEW_TOKENS} new tokens, CUDA-graph decode steps",
              "",
