@@ -49,6 +49,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a 4 x 2 subset of the suite")
     ap.add_argument("--only", choices=("fp8", "w4"), default=None)
     ap.add_argument("--out", default=None, help="write the tables as markdown here")
+    ap.add_argument("--budget-s", type=float, default=math.inf, help="per suite: stop starting new shapes after this long")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the GEMM benchmarks need a CUDA device")
@@ -58,23 +59,29 @@ def main(argv=None):
     parts = [head, ""]
     if args.only in (None, "fp8"):
         t0 = time.time()
-        rows = gemm_fp8.run(ms, nks)
+        rows = gemm_fp8.run(ms, nks, deadline=t0 + args.budget_s)
         parts += ["### FP8 W8A8 (per-tensor scales)", "", gemm_fp8.markdown(rows), ""]
         parts += [f"- geomean {k}: {v:.3f}" for k, v in gemm_fp8.summary(rows).items()]
         parts += [f"- {len(rows)} shapes in {time.time() - t0:.0f} s", ""]
+        write(args.out, parts)
     if args.only in (None, "w4"):
         t0 = time.time()
-        rows = gemm_w4.run(ms, nks)
+        rows = gemm_w4.run(ms, nks, deadline=t0 + args.budget_s)
         parts += ["### 4-bit weights (W4A16: NVFP4, INT4 block 128), bf16 activations", "", gemm_w4.markdown(rows), ""]
         parts += [f"- {k}: {v}" for k, v in w4_summary(rows).items()]
         parts += [f"- {len(rows)} shapes in {time.time() - t0:.0f} s", ""]
-    text = "\n".join(parts)
-    print(text)
-    if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+    print("\n".join(parts))
+    write(args.out, parts)
+
+
+def write(path, parts):
+    """Write what is measured so far (atomically), so a run cut short still leaves its tables."""
+    if not path:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
