@@ -2,7 +2,9 @@
 
 As an opaque op with a fake (meta) implementation, it is seen the same way by
 eager autograd, `torch.compile` and `torch.export`, on every torch version the
-package supports; the format travels as a small JSON string attribute.
+package supports; the format travels as a small JSON string attribute. On CUDA
+the ops run the fused Triton kernels (`modelopt_lite.kernels.fake_quant`,
+bit-identical to `formats.fake_quant`), elsewhere the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .formats import E4M3, E8M0, FloatFormat, QuantFormat, fake_quant
+from ..kernels import fake_quant as _kernels
+from .formats import E4M3, E8M0, FloatFormat, QuantFormat
 
 __all__ = ["fake_quant_ste", "format_to_spec", "format_from_spec"]
 
@@ -50,7 +53,7 @@ def format_from_spec(spec: str) -> QuantFormat:
 
 @torch.library.custom_op("modelopt_lite::fake_quant", mutates_args=())
 def _fake_quant_op(x: torch.Tensor, amax: Optional[torch.Tensor], spec: str) -> torch.Tensor:
-    return fake_quant(x, format_from_spec(spec), amax)
+    return _kernels.fake_quant(x, format_from_spec(spec), amax, cache_key=spec)
 
 
 @_fake_quant_op.register_fake
@@ -60,7 +63,7 @@ def _(x, amax, spec):
 
 @torch.library.custom_op("modelopt_lite::fake_quant_blocks", mutates_args=())
 def _fake_quant_blocks_op(x: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor, spec: str) -> torch.Tensor:
-    return fake_quant(x, format_from_spec(spec), block_amax, global_amax)
+    return _kernels.fake_quant(x, format_from_spec(spec), block_amax, global_amax, cache_key=spec)
 
 
 @_fake_quant_blocks_op.register_fake

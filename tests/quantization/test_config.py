@@ -439,11 +439,14 @@ def test_print_quant_summary(capsys):
     mtq.quantize(model, "FP8_DEFAULT_CFG", forward_loop=lambda m: m(randn(4, 64)))
     mtq.print_quant_summary(model)
     lines = capsys.readouterr().out.splitlines()
-    # header, rule, 6 quantizer rows, count line
-    assert len(lines) == 9
+    # header, rule, 6 quantizer rows, count line, weight bytes
+    assert len(lines) == 10
     assert lines[0].split() == ["quantizer", "format", "granularity", "amax", "enabled"]
     assert set(lines[1]) == {"-"}
-    assert lines[-1] == "6 quantizers, 4 enabled, 2 disabled"
+    assert lines[-2] == "6 quantizers, 4 enabled, 2 disabled"
+    weights = sum(m.weight.numel() * 4 for m in model if isinstance(m, nn.Linear))
+    assert lines[-1] == (f"weights of quantized layers: {weights / 2**20:.2f} MiB, stored in float "
+                         "(compress(model) stores them quantized)")
     row = dict(zip(["quantizer", "format", "granularity", "amax", "enabled"], lines[2].split()))
     amax = model[0].input_quantizer.amax.item()
     assert row == {"quantizer": "0.input_quantizer", "format": "fp8_e4m3", "granularity": "per-tensor",
