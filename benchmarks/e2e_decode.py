@@ -151,9 +151,23 @@ def prompt(batch, seed=1):
     return torch.randint(0, VOCAB, (batch, PROMPT), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(seed))
 
 
+def logits(model):
+    with torch.no_grad():
+        model.new_cache(1)
+        return model(prompt(1), torch.zeros((), dtype=torch.long, device=DEVICE))
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
 def quantized(model, qformat):
+    """Quantize, compress; returns closeness of the logits (see the table) and the kernels the layers chose."""
+    import os
+
     import modelopt_lite.quantization as mtq
 
+    float_logits = logits(model)
     calib = prompt(4, seed=2)
 
     def loop(m):
@@ -161,17 +175,24 @@ def quantized(model, qformat):
         m(calib, torch.zeros((), dtype=torch.long, device=DEVICE))
 
     mtq.quantize(model, qformat, forward_loop=loop, share_input_amax=False)
-    with torch.no_grad():
-        model.new_cache(1)
-        ref = model(prompt(1), torch.zeros((), dtype=torch.long, device=DEVICE))
+    ref = logits(model)
     mtq.compress(model)
-    with torch.no_grad():
-        model.new_cache(1)
-        out = model(prompt(1), torch.zeros((), dtype=torch.long, device=DEVICE))
-    cos = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
-    kernels = sorted({m.kernel_for(torch.empty(1, HIDDEN, device=DEVICE, dtype=torch.bfloat16)).name
-                      for m in model.modules() if isinstance(m, mtq.CompressedLinear)})
-    return cos, kernels
+    out = logits(model)
+    os.environ["MODELOPT_LITE_KERNELS"] = "0"  # the fallback: dequantize-then-matmul, exactly the fake-quant math
+    clear_kernel_choice(model)
+    fallback = logits(model)
+    os.environ.pop("MODELOPT_LITE_KERNELS")
+    clear_kernel_choice(model)
+    probe = torch.empty(1, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
+    kernels = sorted({m.kernel_for(probe).name for m in model.modules() if isinstance(m, mtq.CompressedLinear)})
+    return {"cos_kernels": cosine(out, ref), "fallback_equal": bool(torch.equal(fallback, ref)),
+            "cos_fake_quant_vs_bf16": cosine(ref, float_logits)}, kernels
+
+
+def clear_kernel_choice(model):
+    for m in model.modules():
+        if hasattr(m, "_kernel_cache"):
+            m._kernel_cache.clear()
 
 
 def decode(model, batch):
@@ -251,7 +272,10 @@ def main():
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
         model = build(args.layers)
-        cos, kernels = (1.0, ["cuBLAS bf16"]) if VARIANTS[variant] is None else quantized(model, VARIANTS[variant])
+        if VARIANTS[variant] is None:
+            close, kernels = {"cos_kernels": 1.0, "fallback_equal": True, "cos_fake_quant_vs_bf16": 1.0}, ["cuBLAS bf16"]
+        else:
+            close, kernels = quantized(model, VARIANTS[variant])
         weights = model_bytes(model)
         for batch in batches:
             if DEVICE == "cuda":
@@ -259,7 +283,7 @@ def main():
             ms, tokens, prefill_ms = decode(model, batch)
             row = dict(variant=variant, batch=batch, ms_per_step=ms, tokens_per_s=batch * 1000.0 / ms,
                        prefill_ms=prefill_ms, weights_gb=weights / 1e9,
-                       peak_gb=torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else math.nan, logits_cos=cos, kernels=",".join(kernels),
+                       peak_gb=torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else math.nan, kernels=",".join(kernels), **close,
                        tokens_ok=bool(tokens.shape == (batch, NEW_TOKENS)))
             rows.append(row)
             print(row, flush=True)
@@ -272,13 +296,15 @@ def main():
              f"{datetime.date.today().isoformat()}; Llama-shaped, {args.layers} layers, "
              f"{params / 1e9:.2f}B parameters, prompt {PROMPT}, {NEW_TOKENS} new tokens, CUDA-graph decode steps",
              "",
-             "| variant | batch | tokens/s | ms/step | vs bf16 | weights GB | peak GB | prefill ms | logits cos vs fake-quant | kernels |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | batch | tokens/s | ms/step | vs bf16 | weights GB | peak GB | prefill ms "
+             "| logits cos: kernels vs fake quant | fallback == fake quant | cos: fake quant vs bf16 | kernels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = base.get(r["batch"], math.nan) / r["ms_per_step"]
         lines.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
                      f"{speed:.2f}x | {r['weights_gb']:.2f} | {r['peak_gb']:.2f} | {r['prefill_ms']:.1f} | "
-                     f"{r['logits_cos']:.5f} | {r['kernels']} |")
+                     f"{r['cos_kernels']:.5f} | {'yes' if r['fallback_equal'] else 'NO'} | "
+                     f"{r['cos_fake_quant_vs_bf16']:.5f} | {r['kernels']} |")
     text = "\n".join(lines)
     print(text)
     if args.out:
