@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from cuda_timing import graph_time_ms
 
 MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
 NKS = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672))
@@ -68,38 +69,6 @@ def _scaled_mm_pad(a, sa, w, sw) -> int:
         return 1
     except RuntimeError:
         return 16
-
-
-def graph_time_ms(fns: Sequence[Callable[[], object]], min_ms: float = 2.0, replays: int = 10) -> float:
-    """Median GPU time (ms) per call of `fns` (one per operand copy, called in turn) from CUDA-graph replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (and tuning) outside the capture
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for f in fns:
-        f()
-    end.record()
-    end.synchronize()
-    inner = max(1, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3)))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            for f in fns:
-                f()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times) / (inner * len(fns))
 
 
 def run(ms: Sequence[int] = MS, nks: Sequence[Tuple[int, int]] = NKS, tol: float = 2e-2,

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from cuda_timing import graph_time_ms
 
 MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
 NKS = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672))
@@ -30,38 +31,6 @@ QUICK_MS = (1, 16, 256, 4096)
 QUICK_NKS = ((4096, 4096), (8192, 28672))
 ROTATE_BYTES = 256 << 20
 INT4_BLOCK = 128
-
-
-def graph_time_ms(fns: Sequence[Callable[[], object]], min_ms: float = 2.0, replays: int = 10) -> float:
-    """Median GPU time (ms) per call of `fns` (one per operand copy, called in turn) from CUDA-graph replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (and tuning) outside the capture
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for f in fns:
-        f()
-    end.record()
-    end.synchronize()
-    inner = max(1, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3)))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            for f in fns:
-                f()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times) / (inner * len(fns))
 
 
 def make_weight(kind: str, n: int, k: int, seed: int = 0):
@@ -99,7 +68,7 @@ def run(ms: Sequence[int] = MS, nks: Sequence[Tuple[int, int]] = NKS, kinds: Seq
     leaves the point out with a message.
     """
     from modelopt_lite.kernels.w4_gemm import dequantize_w4, w4_linear
-    from modelopt_lite.kernels.w4_tuning import candidate_configs, m_bucket, tuned_configs
+    from modelopt_lite.kernels.w4_tuning import TUNER, candidate_configs, m_bucket
 
     rows = []
     for N, K in nks:
@@ -126,7 +95,7 @@ def run(ms: Sequence[int] = MS, nks: Sequence[Tuple[int, int]] = NKS, kinds: Seq
                     print("CHECK FAILED", msg, flush=True)
                     continue
                 key = (xs[0].device.index, kind, p0.block, torch.bfloat16, m_bucket(M), N, K)
-                cfg = tuned_configs().get(key, candidate_configs(p0, M)[0])
+                cfg = TUNER.tuned.get(key, candidate_configs(p0, M)[0])
                 t_ours = graph_time_ms([lambda i=i: w4_linear(xs[i], ps[i]) for i in range(copies)])
                 t_bf16 = graph_time_ms([lambda i=i: F.linear(xs[i % len(xs)], wbs[i]) for i in range(bf_copies)])
                 flops = 2.0 * M * N * K

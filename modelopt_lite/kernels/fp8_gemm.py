@@ -45,6 +45,7 @@ import torch
 
 from . import device_capability, triton_available, use_triton
 from .fp8_quant import _launch_quant, quantize_fp8_act, quantize_fp8_act_torch
+from .common import COUNTER_SLOTS, num_sms, split_k_counters
 from .fp8_tuning import GemmConfig, candidate_configs, lookup, m_bucket, tune
 
 __all__ = ["quantize_fp8_act", "fp8_linear", "fp8_linear_reference", "fp8_gemm", "fp8_gemm_supported",
@@ -57,7 +58,6 @@ PROMOTE_WGMMA = 2
 """ACC_MODE of wgmma tiles (block_m >= 64) without fast accumulation: 2 (compiler promotion) or 1."""
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_COUNTER_SLOTS = 8192
 
 if triton_available():
     import triton
@@ -120,24 +120,6 @@ def fp8_linear_reference(x, w_codes, w_scale, x_amax=None, bias=None, out_dtype=
 
 # ------------------------------------------------------------------------------------------------ launch
 
-_counter_cache = {}
-_sm_cache = {}
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    key = (device.type, device.index)
-    buf = _counter_cache.get(key)
-    if buf is None:
-        buf = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-        _counter_cache[key] = buf
-    return buf
-
-
-def _num_sms(device: torch.device) -> int:
-    key = (device.type, device.index)
-    if key not in _sm_cache:
-        _sm_cache[key] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return _sm_cache[key]
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -184,7 +166,7 @@ def launch_gemm(cfg: GemmConfig, a, sa, w, sw, bias, out, a_mode: str, tma: bool
         if not (tma_a and tma_b) or quant_a:
             raise ValueError("the persistent FP8 GEMM needs TMA-aligned fp8 operands")
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        progs = min(_num_sms(a.device), tiles)
+        progs = min(num_sms(a.device), tiles)
         _gemm_persistent_kernel[(progs,)](
             a_desc, b_desc, out, c_desc, sa, sw, bias_arg, M, N, K, out.stride(0), progs,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m, A_SCALE=a_scale_mode,
@@ -193,10 +175,10 @@ def launch_gemm(cfg: GemmConfig, a, sa, w, sw, bias, out, a_mode: str, tma: bool
         return out
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = cfg.split_k
-    if split > 1 and tiles > _COUNTER_SLOTS:
+    if split > 1 and tiles > COUNTER_SLOTS:
         split = 1
     ws = torch.empty((split, M, N), dtype=torch.float32, device=a.device) if split > 1 else out
-    cnt = _counters(a.device) if split > 1 else out
+    cnt = split_k_counters(a.device, "fp8") if split > 1 else out
     _gemm_tile_kernel[(tiles, split)](
         a, a_desc, w, b_desc, out, c_desc, sa, sw, bias_arg, ws, cnt, M, N, K, a.stride(0), w.stride(0),
         out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m, SPLIT_K=split,

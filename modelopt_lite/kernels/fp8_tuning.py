@@ -17,13 +17,12 @@ fastest for the life of the process. Regimes:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List
 
-from . import interpret_mode
+from .common import ShapeTuner, m_bucket
 
-__all__ = ["GemmConfig", "candidate_configs", "m_bucket", "tune", "tuned_configs", "REGIMES", "timings", "errors", "lookup"]
+__all__ = ["GemmConfig", "candidate_configs", "m_bucket", "tune", "TUNER", "REGIMES", "lookup"]
 
 
 @dataclass(frozen=True)
@@ -70,11 +69,6 @@ REGIMES: Dict[str, List[GemmConfig]] = {
 """Candidate configs per regime (module-level so that a sweep can replace a list)."""
 
 
-def m_bucket(M: int) -> int:
-    """Tuning bucket of M: the next power of two (at least 16, at most 16384)."""
-    return min(max(16, 1 << max(0, (M - 1).bit_length())), 16384)
-
-
 def _regime(M: int, fast_accum: bool = False) -> str:
     if M <= 16:
         return "m16"
@@ -102,57 +96,8 @@ def candidate_configs(M: int, N: int, K: int, quant_a: bool, tma: bool, fast_acc
     return out
 
 
-_TUNED: Dict[Tuple, GemmConfig] = {}
-_TIMINGS: Dict[Tuple, List[Tuple[GemmConfig, float]]] = {}
-_ERRORS: Dict[Tuple, str] = {}
-
-
-def lookup(key: Tuple) -> Optional[GemmConfig]:
-    """The config tuned for `key`, or None."""
-    return _TUNED.get(key)
-
-
-def tuned_configs() -> Dict[Tuple, GemmConfig]:
-    """The configs chosen so far, by key."""
-    return dict(_TUNED)
-
-
-def timings() -> Dict[Tuple, List[Tuple[GemmConfig, float]]]:
-    """Every candidate's median time (ms) per tuned key (inf where it failed to compile or run)."""
-    return dict(_TIMINGS)
-
-
-def errors() -> Dict[Tuple, str]:
-    """Why candidates failed, by (key, config)."""
-    return dict(_ERRORS)
-
-
-def tune(key: Tuple, candidates: Sequence[GemmConfig], run: Callable[[GemmConfig], object]) -> GemmConfig:
-    """Pick (once per key) the fastest candidate, timing `run(cfg)`.
-
-    The interpreter, and MODELOPT_LITE_FP8_TUNE=0, take the first candidate without timing.
-    """
-    hit = _TUNED.get(key)
-    if hit is not None:
-        return hit
-    if len(candidates) == 1 or interpret_mode() or os.environ.get("MODELOPT_LITE_FP8_TUNE", "1") == "0":
-        _TUNED[key] = candidates[0]
-        return candidates[0]
-    import triton
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
-
-    results = []
-    for cfg in candidates:
-        try:
-            t = triton.testing.do_bench(lambda: run(cfg), warmup=2, rep=10, return_mode="median")
-        except (OutOfResources, CompilationError, RuntimeError, ValueError) as exc:  # a config that cannot run
-            t = float("inf")
-            _ERRORS[(key, cfg)] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        results.append((cfg, t))
-    best, best_t = min(results, key=lambda r: r[1])
-    if best_t == float("inf"):
-        raise RuntimeError(f"no FP8 GEMM config compiled for key {key}: {[str(c) for c in candidates]}")
-    _TUNED[key] = best
-    _TIMINGS[key] = results
-    return best
+TUNER = ShapeTuner("FP8 GEMM", "MODELOPT_LITE_FP8_TUNE", warmup=2, rep=10)
+"""The configs chosen per (M bucket, N, K, mode): `TUNER.tuned`, their timings and failures
+(MODELOPT_LITE_FP8_TUNE=0 takes each shape's first candidate untimed)."""
+tune = TUNER.tune
+lookup = TUNER.lookup

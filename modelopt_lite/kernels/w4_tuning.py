@@ -14,19 +14,18 @@ MODELOPT_LITE_W4_TUNE=0 and the interpreter take the first candidate.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from . import interpret_mode, triton_available
+from .common import COUNTER_SLOTS, ShapeTuner, m_bucket, num_sms, split_k_counters
 from .w4_layout import NV_Q, int4_quarter
 
-__all__ = ["W4Config", "candidate_configs", "config_fits", "launch", "run_w4", "tune", "tuned_configs", "timings", "errors",
+__all__ = ["W4Config", "candidate_configs", "config_fits", "launch", "run_w4", "tune", "TUNER",
            "REGIMES", "m_bucket", "resolve_split", "last_compiled", "dequantize_into"]
 
-_COUNTER_SLOTS = 8192
 
 
 @dataclass(frozen=True)
@@ -68,11 +67,6 @@ REGIMES: Dict[Tuple[str, str], List[W4Config]] = {
 """Candidates per (kind, regime); module-level so that a sweep can replace a list."""
 
 
-def m_bucket(M: int) -> int:
-    """Tuning bucket of M: the next power of two (at least 16, at most 16384)."""
-    return min(max(16, 1 << max(0, (M - 1).bit_length())), 16384)
-
-
 def _regime(M: int) -> str:
     if M <= 16:
         return "m16"
@@ -103,7 +97,7 @@ def resolve_split(cfg: W4Config, p, M: int, sms: int) -> int:
         while tiles * split * 2 <= target + tiles and split * 2 <= max(1, n_iters // 2):
             split *= 2
     split = max(1, min(split, n_iters))
-    return 1 if tiles > _COUNTER_SLOTS else split
+    return 1 if tiles > COUNTER_SLOTS else split
 
 
 def config_fits(cfg: W4Config, p) -> bool:
@@ -120,8 +114,6 @@ def candidate_configs(p, M: int) -> List[W4Config]:
 
 # ------------------------------------------------------------------------------------------------ launch
 
-_counter_cache: Dict[Tuple[str, Optional[int]], torch.Tensor] = {}
-_sm_cache: Dict[Tuple[str, Optional[int]], int] = {}
 _LAST: List[object] = [None]
 
 
@@ -130,22 +122,6 @@ def last_compiled():
     return _LAST[0]
 
 
-def _counters(device: torch.device) -> torch.Tensor:
-    """Split-K arrival counters, one set per device (zero between launches: the last split resets its
-    tile's). Launches with split-K on one device are assumed to be ordered (one stream, or synchronized)."""
-    key = (device.type, device.index)
-    buf = _counter_cache.get(key)
-    if buf is None:
-        buf = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-        _counter_cache[key] = buf
-    return buf
-
-
-def _num_sms(device: torch.device) -> int:
-    key = (device.type, device.index)
-    if key not in _sm_cache:
-        _sm_cache[key] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return _sm_cache[key]
 
 
 def _ipb(p) -> int:
@@ -185,9 +161,9 @@ def launch(cfg: W4Config, x2: torch.Tensor, p, bias: Optional[torch.Tensor], out
 
     M = x2.shape[0]
     q = NV_Q if p.kind == "nvfp4" else int4_quarter(p.block)
-    split = resolve_split(cfg, p, M, _num_sms(x2.device))
+    split = resolve_split(cfg, p, M, num_sms(x2.device))
     n_iters = _n_iters(cfg, p, p.k)
-    cnt = _counters(x2.device)
+    cnt = split_k_counters(x2.device, "w4")
     ws = torch.empty((split, M, p.n), dtype=torch.float32, device=x2.device) if split > 1 else cnt.view(torch.float32)
     scales = p.scales.view(torch.int32) if p.kind == "nvfp4" else p.scales
     gs = p.global_scale if p.global_scale is not None else p.scales
@@ -204,57 +180,10 @@ def launch(cfg: W4Config, x2: torch.Tensor, p, bias: Optional[torch.Tensor], out
 
 # ------------------------------------------------------------------------------------------------- tuning
 
-_TUNED: Dict[Tuple, W4Config] = {}
-_TIMINGS: Dict[Tuple, List[Tuple[W4Config, float]]] = {}
-_ERRORS: Dict[Tuple, str] = {}
-
-
-def tuned_configs() -> Dict[Tuple, W4Config]:
-    """The config chosen so far for each tuned key (device, kind, block, dtype, M bucket, n, k)."""
-    return dict(_TUNED)
-
-
-def timings() -> Dict[Tuple, List[Tuple[W4Config, float]]]:
-    """Every candidate's median time (ms) per tuned key (inf where it failed to compile or run)."""
-    return dict(_TIMINGS)
-
-
-def errors() -> Dict[Tuple, str]:
-    """Why candidates failed, by (key, config)."""
-    return dict(_ERRORS)
-
-
-def tune(key: Tuple, candidates: Sequence[W4Config], run: Callable[[W4Config], object]) -> W4Config:
-    """Pick (once per key) the fastest candidate, timing `run(cfg)`."""
-    hit = _TUNED.get(key)
-    if hit is not None:
-        return hit
-    if len(candidates) == 1 or interpret_mode() or os.environ.get("MODELOPT_LITE_W4_TUNE", "1") == "0":
-        _TUNED[key] = candidates[0]
-        return candidates[0]
-    import triton
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
-
-    def bench(cfg):
-        try:
-            return triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
-        except (OutOfResources, CompilationError, RuntimeError, ValueError) as exc:  # a config that cannot run
-            _ERRORS[(key, cfg)] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            return float("inf")
-
-    bench(candidates[0])  # compile, warm the clocks
-    times = {cfg: bench(cfg) for cfg in candidates}
-    for cfg in sorted(times, key=times.get)[:3]:  # a second look at the leaders (short timings are noisy)
-        times[cfg] = min(times[cfg], bench(cfg))
-    results = [(cfg, times[cfg]) for cfg in candidates]
-    best, best_t = min(results, key=lambda r: r[1])
-    if best_t == float("inf"):
-        raise RuntimeError(f"no 4-bit GEMM config ran for key {key}: {[str(c) for c in candidates]}; "
-                           f"errors: {[_ERRORS.get((key, c)) for c in candidates]}")
-    _TUNED[key] = best
-    _TIMINGS[key] = results
-    return best
+TUNER = ShapeTuner("4-bit GEMM", "MODELOPT_LITE_W4_TUNE", warmup=5, rep=20, warm_first=True, second_look=3)
+"""The configs chosen per (device, kind, block, dtype, M bucket, n, k): `TUNER.tuned`, their timings and
+failures (MODELOPT_LITE_W4_TUNE=0 takes each shape's first candidate untimed)."""
+tune = TUNER.tune
 
 
 def run_w4(x2: torch.Tensor, p, bias: Optional[torch.Tensor] = None, config: Optional[W4Config] = None,
