@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import ptq, trace
+from . import aot, ptq, trace
 
-COMMANDS = {"ptq": ptq, "trace": trace}
+COMMANDS = {"ptq": ptq, "trace": trace, "aot": aot}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,48 @@
+"""`modelopt-lite aot`: compile a Triton kernel ahead of time into C launcher sources and headers."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("aot", help="compile a Triton kernel into C sources and headers (Triton AoT, checked)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("file", help="Python file that defines the @triton.jit kernel")
+    p.add_argument("--kernel", required=True, help="the kernel's name in that file")
+    p.add_argument("--variant", action="append", required=True, metavar="SIGNATURE;GRID[;WARPS[;STAGES]]",
+                   help="one specialisation, e.g. '*fp32:16, *fp32:16, i32, 1024;(n + 1023) / 1024, 1, 1;4;2' "
+                        "(repeat for more)")
+    p.add_argument("--name", required=True, help="C name of the dispatcher (and prefix of the files)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--target", default="cuda:90:32", help="cuda:<compute capability>:32 (default: Hopper)")
+    p.add_argument("--smem-limit", type=int, default=None, help="bytes of dynamic shared memory allowed "
+                   "(default: the target's opt-in limit)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def parse_variant(text: str):
+    from ..aot import AotVariant
+
+    parts = [s.strip() for s in text.split(";")]
+    if len(parts) < 2 or len(parts) > 4 or not parts[0] or not parts[1]:
+        raise ValueError(f"--variant {text!r}: expected 'SIGNATURE;GRID[;WARPS[;STAGES]]'")
+    try:
+        extra = [int(x) for x in parts[2:]]
+    except ValueError:
+        raise ValueError(f"--variant {text!r}: warps and stages must be integers") from None
+    return AotVariant(parts[0], parts[1], *extra)
+
+
+def run(args) -> int:
+    from ..aot import compile_aot
+
+    variants = [parse_variant(v) for v in args.variant]
+    try:
+        result = compile_aot(args.file, args.kernel, variants, args.out, args.name, target=args.target,
+                             smem_limit=args.smem_limit, overwrite=args.overwrite)
+    except RuntimeError as e:  # Triton's tools failed in a way the checks above did not foresee
+        raise ValueError(str(e)) from None
+    for fn, nbytes in result.shared_bytes.items():
+        print(f"{fn}: {nbytes} bytes of dynamic shared memory")
+    print(f"wrote {len(result.sources)} sources and {len(result.headers)} headers to {result.out_dir}; "
+          f"dispatcher {result.name}() in {result.dispatcher_header.name}")
+    return 0
