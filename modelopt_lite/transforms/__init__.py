@@ -1,0 +1,18 @@
+"""Graph transforms: a registry, an FX pattern matcher and the `optimize` pipeline.
+
+    from modelopt_lite.transforms import optimize
+    gm = optimize(model, example_inputs=(x,), config={"transforms": [{"key": "remove_identity", "enabled": False}]})
+    gm.meta["transform_report"]   # [TransformResult(key, status, matches, reason), ...]
+"""
+
+from .pattern import Match, ModuleSlot, Pattern, canonical_target, find_matches, has_dtype, has_rank, node_meta, replace_match
+from .pipeline import DEFAULT_CONFIG, TransformResult, capture, format_graph, load_pipeline, optimize
+from .registry import (TRANSFORMS, Transform, TransformConfig, TransformConfigError, TransformContext, build_transform,
+                       get_transform, known_transforms, register_transform, unregister_transform)
+
+__all__ = [
+    "DEFAULT_CONFIG", "Match", "ModuleSlot", "Pattern", "TRANSFORMS", "Transform", "TransformConfig",
+    "TransformConfigError", "TransformContext", "TransformResult", "build_transform", "canonical_target", "capture",
+    "find_matches", "format_graph", "get_transform", "has_dtype", "has_rank", "known_transforms", "load_pipeline",
+    "node_meta", "optimize", "register_transform", "replace_match", "unregister_transform",
+]

@@ -1,0 +1,337 @@
+"""`optimize`: capture a model as a GraphModule and run the configured transforms on it.
+
+The pipeline comes from ``modelopt_lite/configs/transforms/default.yaml``; a user config
+(YAML path or dict) overrides its entries by key. Each transform logs one line on the
+``modelopt_lite.transforms`` logger: ``[SUMMARY] <key>: matches=N``, ``... disabled`` or
+``... skipped (<reason>)``; the same goes into ``gm.meta["transform_report"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import yaml
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .registry import (Transform, TransformConfig, TransformConfigError, TransformContext, build_transform,
+                       get_transform, register_transform)
+
+__all__ = ["DEFAULT_CONFIG", "TransformResult", "capture", "format_graph", "load_pipeline", "optimize"]
+
+logger = logging.getLogger("modelopt_lite.transforms")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "transforms" / "default.yaml"
+
+
+@dataclass(frozen=True)
+class TransformResult:
+    """One row of the report: status is "applied", "disabled" or "skipped"."""
+
+    key: str
+    status: str
+    matches: int = 0
+    reason: str = ""
+
+    def summary(self) -> str:
+        if self.status == "applied":
+            return f"[SUMMARY] {self.key}: matches={self.matches}"
+        if self.status == "skipped":
+            return f"[SUMMARY] {self.key}: skipped ({self.reason})"
+        return f"[SUMMARY] {self.key}: disabled"
+
+
+# ------------------------------------------------------------------ config
+def _entries(doc: Any, where: str) -> List[Dict[str, Any]]:
+    if isinstance(doc, Mapping):
+        doc = doc.get("transforms", None) if set(doc) <= {"transforms"} else None
+    if not isinstance(doc, list):
+        raise TransformConfigError(f"{where}: expected a mapping with a list under 'transforms:'")
+    out, seen = [], set()
+    for i, e in enumerate(doc):
+        if not isinstance(e, Mapping) or not isinstance(e.get("key"), str):
+            raise TransformConfigError(f"{where}: entry {i} must be a mapping with a string 'key', got {e!r}")
+        get_transform(e["key"])  # unknown keys: error listing the known ones
+        if e["key"] in seen:
+            raise TransformConfigError(f"{where}: transform {e['key']!r} is listed twice")
+        seen.add(e["key"])
+        out.append(dict(e))
+    return out
+
+
+def _read(config: Union[str, os.PathLike, Mapping, list, None]) -> Tuple[Any, str]:
+    if config is None or isinstance(config, (Mapping, list)):
+        return config, "user config"
+    path = Path(config)
+    if not path.is_file():
+        raise TransformConfigError(f"transform config {str(path)!r} does not exist")
+    return yaml.safe_load(path.read_text()), str(path)
+
+
+def load_pipeline(config: Union[str, os.PathLike, Mapping, None] = None) -> List[Tuple[str, Transform]]:
+    """The ordered (key, transform) list: the default pipeline with `config`'s entries merged by key.
+    A user entry for a registered transform missing from the default is appended at the end."""
+    base = _entries(yaml.safe_load(DEFAULT_CONFIG.read_text()), str(DEFAULT_CONFIG))
+    doc, where = _read(config)
+    if doc is not None:
+        by_key = {e["key"]: e for e in base}
+        for e in _entries(doc, where):
+            if e["key"] in by_key:
+                by_key[e["key"]].update(e)
+            else:
+                base.append(e)
+    out = []
+    for e in base:
+        key = e.pop("key")
+        out.append((key, build_transform(key, e)))
+    return out
+
+
+# ------------------------------------------------------------------ capture
+def _split_inputs(example_inputs: Any) -> Tuple[Optional[Tuple[Any, ...]], Dict[str, Any]]:
+    if example_inputs is None:
+        return None, {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    return tuple(example_inputs), {}
+
+
+def capture(model: nn.Module, args: Optional[Tuple[Any, ...]] = None, kwargs: Optional[Dict[str, Any]] = None) -> Tuple[fx.GraphModule, str]:
+    """A GraphModule of `model` and how it was made: ``"fx"`` (RobustTracer; quantized layers and
+    quantizers stay leaves) or ``"export"`` (torch.export, when FX fails on the model or on any of
+    its submodules and example inputs are given)."""
+    from ..quantization.tensor_quantizer import TensorQuantizer
+    from ..trace.tracer import RobustTracer, TraceFailure
+
+    tracer = RobustTracer(leaves=(TensorQuantizer,))
+    try:
+        graph = tracer.trace(model)
+        if not tracer.failures or args is None:
+            return fx.GraphModule(tracer.root, graph, type(model).__name__), "fx"
+        # Submodules FX could not trace would hide inside opaque nodes: export sees through them.
+        logger.info("FX could not trace %s inside %s; using torch.export", ", ".join(sorted(tracer.failures)),
+                    type(model).__name__)
+    except TraceFailure as e:
+        if args is None:
+            raise TraceFailure(f"torch.fx cannot trace {type(model).__name__} ({e}); pass example_inputs so "
+                               "that optimize() can capture it with torch.export") from e
+        logger.info("FX trace of %s failed (%s); using torch.export", type(model).__name__, e)
+    return torch.export.export(model, tuple(args), kwargs=kwargs or None).module(), "export"
+
+
+# ------------------------------------------------------------------ dumps
+def _meta_str(node: fx.Node) -> str:
+    from .pattern import node_meta
+
+    shape, dtype = node_meta(node)
+    if dtype is None:
+        return ""
+    return f"  :: {tuple(shape)} {str(dtype).replace('torch.', '')}"
+
+
+def format_graph(gm: fx.GraphModule) -> str:
+    """One line per node: ``name = op target(args, kwargs) :: shape dtype``."""
+    lines = []
+    for n in gm.graph.nodes:
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+            target = str(n.target)
+        args = ", ".join([repr(a) for a in n.args] + [f"{k}={v!r}" for k, v in n.kwargs.items()])
+        lines.append(f"{n.name} = {n.op} {target}({args}){_meta_str(n)}")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ------------------------------------------------------------------ pipeline
+def _propagate(gm: fx.GraphModule, ctx: TransformContext) -> None:
+    if ctx.example_inputs is None or ctx.kwargs:
+        return  # ShapeProp feeds placeholders positionally; graphs with keyword inputs keep their export metadata
+    ShapeProp(gm).propagate(*ctx.example_inputs)
+
+
+def optimize(model_or_gm: Union[nn.Module, fx.GraphModule], example_inputs: Any = None,
+             config: Union[str, os.PathLike, Mapping, None] = None, dump_dir: Union[str, os.PathLike, None] = None,
+             log: bool = True) -> fx.GraphModule:
+    """Run the transform pipeline; return the GraphModule (a given GraphModule is rewritten in place).
+
+    `example_inputs`: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+    The report (a list of `TransformResult`) is ``gm.meta["transform_report"]``."""
+    args, kwargs = _split_inputs(example_inputs)
+    if isinstance(model_or_gm, fx.GraphModule):
+        gm, how, model = model_or_gm, "given", None
+    elif isinstance(model_or_gm, nn.Module):
+        gm, how = capture(model_or_gm, args, kwargs)
+        model = model_or_gm
+    else:
+        raise TypeError(f"optimize() takes an nn.Module or a GraphModule, got {type(model_or_gm).__name__}")
+    pipeline = load_pipeline(config)
+    ctx = TransformContext(example_inputs=args, kwargs=kwargs, model=model, capture=how)
+    dump = Path(dump_dir) if dump_dir is not None else None
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+    _propagate(gm, ctx)
+    report: List[TransformResult] = []
+    for i, (key, t) in enumerate(pipeline):
+        if not t.config.enabled:
+            result = TransformResult(key, "disabled")
+        elif (reason := t.applicable(gm, ctx)) is not None:
+            result = TransformResult(key, "skipped", reason=str(reason))
+        else:
+            if dump is not None:
+                _atomic_write(dump / f"{i:02d}_{key}_before.txt", format_graph(gm))
+            matches = int(t.apply(gm, ctx))
+            gm.graph.lint()
+            gm.recompile()
+            if matches:
+                _propagate(gm, ctx)
+            if dump is not None:
+                _atomic_write(dump / f"{i:02d}_{key}_after.txt", format_graph(gm))
+            result = TransformResult(key, "applied", matches)
+        report.append(result)
+        if log:
+            logger.info(result.summary())
+    gm.meta["transform_report"] = report
+    gm.meta["transform_capture"] = how
+    return gm
+
+
+# ------------------------------------------------------------------ built-in transforms
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem}
+
+
+def _module_may_mutate(m: nn.Module) -> bool:
+    """Modules from torch.nn (unless ``inplace=True``) and from this package leave their inputs alone;
+    any other leaf module is treated as one that may write into them."""
+    origin = type(m).__module__
+    if origin.startswith("torch.") or origin.startswith("modelopt_lite."):
+        return bool(getattr(m, "inplace", False))
+    return True
+
+
+def _writes_in_place(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether `n` may write into a tensor (in-place ops, in-place methods, unknown leaf modules)."""
+    if n.op == "call_function":
+        if n.target in _INPLACE_OPERATORS:
+            return True
+        if isinstance(n.target, torch._ops.OpOverload):
+            return n.target._schema.is_mutable
+        name = getattr(n.target, "__name__", "")
+        return name.endswith("_") and not name.endswith("__")
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.endswith("__")
+    if n.op == "call_module":
+        return _module_may_mutate(gm.get_submodule(n.target))
+    return False
+
+
+def _has_mutation(gm: fx.GraphModule) -> bool:
+    return any(_writes_in_place(gm, n) for n in gm.graph.nodes)
+
+
+_COPY_TARGETS = {torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default,
+                 torch.clone, torch.detach}
+_COPY_METHODS = {"clone", "detach"}
+
+
+def _bypass(gm: fx.GraphModule, node: fx.Node) -> None:
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+
+
+@register_transform("remove_identity")
+class RemoveIdentity(Transform):
+    """Drops calls that return their input's values unchanged: ``nn.Identity`` modules, dropout
+    modules in eval mode, and clone/detach/alias (only in graphs without in-place ops, and a clone
+    only when it keeps the memory format)."""
+
+    class Config(TransformConfig):
+        remove_dropout: bool = True
+        remove_copies: bool = True
+
+    def _is_identity(self, gm: fx.GraphModule, n: fx.Node, copies_ok: bool) -> bool:
+        if not n.args or not isinstance(n.args[0], fx.Node):
+            return False
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            if type(m) is nn.Identity:
+                return len(n.args) == 1 and not n.kwargs
+            drop = isinstance(m, nn.modules.dropout._DropoutNd) and not m.training
+            return self.config.remove_dropout and drop and len(n.args) == 1 and not n.kwargs
+        if not copies_ok or len(n.args) != 1:
+            return False
+        if n.kwargs and set(n.kwargs) - {"memory_format"} or n.kwargs.get("memory_format", torch.preserve_format) \
+                is not torch.preserve_format:
+            return False
+        return (n.op == "call_function" and n.target in _COPY_TARGETS) or (n.op == "call_method" and n.target in _COPY_METHODS)
+
+    def apply(self, gm: fx.GraphModule, ctx: TransformContext) -> int:
+        copies_ok = self.config.remove_copies and not _has_mutation(gm)
+        hits = [n for n in gm.graph.nodes if self._is_identity(gm, n, copies_ok)]
+        for n in hits:
+            _bypass(gm, n)
+        return len(hits)
+
+
+@register_transform("eliminate_dead_code")
+class EliminateDeadCode(Transform):
+    """``graph.eliminate_dead_code()`` keeping nodes that may write in place; matches = nodes
+    removed. Optionally deletes submodules no node calls any more."""
+
+    class Config(TransformConfig):
+        remove_unused_modules: bool = True
+
+    def apply(self, gm: fx.GraphModule, ctx: TransformContext) -> int:
+        before = len(gm.graph.nodes)
+        # FX's own purity test lets in-place method calls go (x.add_(1) with its result unused).
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _writes_in_place(gm, n))
+        if self.config.remove_unused_modules:
+            gm.delete_all_unused_submodules()
+        return before - len(gm.graph.nodes)
+
+
+@register_transform("fold_fake_quant_disabled")
+class FoldFakeQuantDisabled(Transform):
+    """Removes calls to TensorQuantizer modules that are disabled and have no pre_quant_scale
+    (they return their input unchanged)."""
+
+    def _quantizer_nodes(self, gm: fx.GraphModule) -> List[Tuple[fx.Node, nn.Module]]:
+        from ..quantization.tensor_quantizer import TensorQuantizer
+
+        out = []
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                m = gm.get_submodule(n.target)
+                if isinstance(m, TensorQuantizer):
+                    out.append((n, m))
+        return out
+
+    def applicable(self, gm: fx.GraphModule, ctx: TransformContext) -> Optional[str]:
+        return None if self._quantizer_nodes(gm) else "no quantizer modules in the graph"
+
+    def apply(self, gm: fx.GraphModule, ctx: TransformContext) -> int:
+        hits = [n for n, m in self._quantizer_nodes(gm)
+                if not m.is_enabled and m.pre_quant_scale is None and len(n.args) == 1 and not n.kwargs
+                and isinstance(n.args[0], fx.Node)]
+        for n in hits:
+            _bypass(gm, n)
+        return len(hits)
