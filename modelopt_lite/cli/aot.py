@@ -6,9 +6,13 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("aot", help="compile a Triton kernel into C sources and headers (Triton AoT, checked)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("file", help="Python file that defines the @triton.jit kernel")
-    p.add_argument("--kernel", required=True, help="the kernel's name in that file")
-    p.add_argument("--variant", action="append", required=True, metavar="SIGNATURE;GRID[;WARPS[;STAGES]]",
+    p.add_argument("file", nargs="?", help="Python file that defines the @triton.jit kernel (or use --plugin)")
+    p.add_argument("--kernel", help="the kernel's name in that file")
+    p.add_argument("--plugin", help="a registered plugin whose class names its kernel (aot_kernel) and default "
+                   "specialisations (aot_variants), e.g. TritonLookUp")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this plugin package first (repeatable; modelopt_lite.plugins.examples always is)")
+    p.add_argument("--variant", action="append", metavar="SIGNATURE;GRID[;WARPS[;STAGES]]",
                    help="one specialisation, e.g. '*fp32:16, *fp32:16, i32, 1024;(n + 1023) / 1024, 1, 1;4;2' "
                         "(repeat for more)")
     p.add_argument("--name", required=True, help="C name of the dispatcher (and prefix of the files)")
@@ -32,10 +36,39 @@ def parse_variant(text: str):
     return AotVariant(parts[0], parts[1], *extra)
 
 
+def plugin_kernel(name: str, imports):
+    """(kernel file, kernel name, default variants) declared by a registered plugin class."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from ..aot import AotVariant
+    from ..plugins import get_plugin
+
+    for module in ["modelopt_lite.plugins.examples", *imports]:
+        importlib.import_module(module)
+    cls = get_plugin(name)
+    if cls.aot_kernel is None:
+        raise ValueError(f"plugin {name!r} declares no aot_kernel (file, kernel name) to compile")
+    rel, kernel = cls.aot_kernel
+    root = Path(sys.modules[cls.__module__.split(".")[0]].__file__).resolve().parents[1]
+    path = Path(rel) if Path(rel).is_absolute() else root / rel
+    return path, kernel, [AotVariant(*v) for v in cls.aot_variants]
+
+
 def run(args) -> int:
     from ..aot import compile_aot
 
-    variants = [parse_variant(v) for v in args.variant]
+    variants = [parse_variant(v) for v in args.variant or []]
+    if args.plugin:
+        if args.file or args.kernel:
+            raise ValueError("give either --plugin or FILE --kernel, not both")
+        args.file, args.kernel, defaults = plugin_kernel(args.plugin, args.imports)
+        variants = variants or defaults
+    elif not (args.file and args.kernel):
+        raise ValueError("give FILE and --kernel NAME (or --plugin NAME)")
+    if not variants:
+        raise ValueError("give at least one --variant 'SIGNATURE;GRID[;WARPS[;STAGES]]'")
     try:
         result = compile_aot(args.file, args.kernel, variants, args.out, args.name, target=args.target,
                              smem_limit=args.smem_limit, overwrite=args.overwrite)

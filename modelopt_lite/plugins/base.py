@@ -28,7 +28,7 @@ import inspect
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Type, Union, Tuple
 
 import torch
 
@@ -77,6 +77,11 @@ class PluginBase:
     num_outputs: int = 1
     domain: str = DEFAULT_DOMAIN
     plugin_name: Optional[str] = None  # set by registration
+    aot_kernel: Optional[Tuple[str, str]] = None
+    """(file relative to the package root's parent, kernel name): the Triton kernel `modelopt-lite aot
+    --plugin NAME` compiles. The file must import only triton (Triton's AoT tool loads it standalone)."""
+    aot_variants: Tuple[Tuple, ...] = ()
+    """Default specialisations for `aot`: (signature, grid, num_warps, num_stages) each."""
 
     def __new__(cls, *args, **kwargs):
         obj = super().__new__(cls)

@@ -114,3 +114,15 @@ def test_cli(tmp_path, capsys):
                "--variant", "*fp32:16"])
     assert rc == 2
     assert "expected 'SIGNATURE;GRID" in capsys.readouterr().err
+
+
+def test_cli_compiles_a_registered_plugins_kernel(tmp_path, capsys):
+    out = tmp_path / "lookup"
+    rc = main(["aot", "--plugin", "TritonLookUp", "--name", "lookup", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kernel"] == "lookup_kernel" and len(manifest["variants"]) == 2
+    header = (out / "lookup.h").read_text()
+    assert "CUdeviceptr ids_ptr, CUdeviceptr table_ptr, CUdeviceptr out_ptr, int32_t N, int32_t V, int32_t D" in header
+    rc = main(["aot", "--plugin", "NoSuchPlugin", "--name", "x", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "NoSuchPlugin" in capsys.readouterr().err

@@ -25,18 +25,8 @@ _TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 if triton_available():
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _lookup_kernel(ids_ptr, table_ptr, out_ptr, V, D, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
-        col = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        idx = tl.load(ids_ptr + row).to(tl.int64) + tl.zeros([BLOCK_D], dtype=tl.int64)  # one id, as a vector
-        valid = (idx >= 0) & (idx < V)
-        safe = tl.where(valid, idx, 0)
-        in_cols = col < D
-        vals = tl.load(table_ptr + safe * D + col, mask=in_cols & valid, other=0.0)
-        tl.store(out_ptr + row.to(tl.int64) * D + col, vals.to(out_ptr.dtype.element_ty), mask=in_cols)
+    from .lookup_kernel import lookup_kernel
 
 
 def _check(ids: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
@@ -79,13 +69,21 @@ def lookup_triton(ids: torch.Tensor, table: torch.Tensor, out: torch.Tensor, blo
     if n == 0 or d == 0:
         return out
     block = block_d or min(1024, triton.next_power_of_2(d))
-    _lookup_kernel[(n, triton.cdiv(d, block))](ids_c, table_c, out, table_c.shape[0], d, BLOCK_D=block)
+    lookup_kernel[(n, triton.cdiv(d, block))](ids_c, table_c, out, n, table_c.shape[0], d, BLOCK_D=block)
     return out
 
 
 @plugin("TritonLookUp")
 class TritonLookUp(PluginBase):
     """Gathers rows of ``table`` [V, D] at ``ids`` [N...] into [N..., D] (float32 with ``fp32_output``)."""
+
+    # `modelopt-lite aot --plugin TritonLookUp`: the kernel and its default specialisations
+    # (int32 ids; fp16 / fp32 tables and outputs; 128-column tiles).
+    aot_kernel = ("modelopt_lite/plugins/examples/lookup_kernel.py", "lookup_kernel")
+    aot_variants = (
+        ("*i32:16, *fp16:16, *fp16:16, i32, i32, i32, 128", "N, (D + 127) / 128, 1", 4, 1),
+        ("*i32:16, *fp32:16, *fp32:16, i32, i32, i32, 128", "N, (D + 127) / 128, 1", 4, 1),
+    )
 
     def __init__(self, fp32_output: bool = False):
         super().__init__()
