@@ -181,6 +181,27 @@ def _worker(request_json: str) -> None:
     print(json.dumps({"func_name": func_name, "files": [str(f) for f in files]}))
 
 
+def _dispatch_key(v: AotVariant):
+    """What the linked dispatcher can tell variants apart by: the C argument list (pointers are untyped
+    CUdeviceptr), the divisibility hints, the constexpr values, warps and stages."""
+    parts = []
+    for item in (x.strip() for x in v.signature.split(",")):
+        ty, _, hint = item.partition(":")
+        parts.append(("ptr" if ty.startswith("*") else ty, hint))
+    return tuple(parts), v.num_warps, v.num_stages
+
+
+def _check_distinguishable(variants: Sequence[AotVariant]) -> None:
+    seen = {}
+    for i, v in enumerate(variants):
+        key = _dispatch_key(v)
+        if key in seen:
+            raise ValueError(f"variants {seen[key]} and {i} differ only in pointer element types "
+                             f"({variants[seen[key]].signature!r} vs {v.signature!r}), which a launcher cannot tell "
+                             "apart at run time: compile them under different names (one dispatcher per dtype)")
+        seen[key] = i
+
+
 def compile_aot(kernel_file: Union[str, Path], kernel_name: str, variants: Sequence[AotVariant],
                 out_dir: Union[str, Path], name: str, target: str = "cuda:90:32",
                 smem_limit: Optional[int] = None, overwrite: bool = False) -> AotResult:
@@ -197,6 +218,7 @@ def compile_aot(kernel_file: Union[str, Path], kernel_name: str, variants: Seque
     if not re.fullmatch(r"[A-Za-z_]\w*", name):
         raise ValueError(f"name {name!r} must be a C identifier")
     limit = shared_memory_limit(target) if smem_limit is None else int(smem_limit)
+    _check_distinguishable(variants)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         shared: Dict[str, int] = {}

@@ -53,29 +53,36 @@ def plugin_kernel(name: str, imports):
     rel, kernel = cls.aot_kernel
     root = Path(sys.modules[cls.__module__.split(".")[0]].__file__).resolve().parents[1]
     path = Path(rel) if Path(rel).is_absolute() else root / rel
-    return path, kernel, [AotVariant(*v) for v in cls.aot_variants]
+    return path, kernel, {suffix: [AotVariant(*v) for v in group] for suffix, group in cls.aot_variants.items()}
 
 
 def run(args) -> int:
     from ..aot import compile_aot
 
+    from pathlib import Path
+
     variants = [parse_variant(v) for v in args.variant or []]
+    groups = {"": variants}
     if args.plugin:
         if args.file or args.kernel:
             raise ValueError("give either --plugin or FILE --kernel, not both")
         args.file, args.kernel, defaults = plugin_kernel(args.plugin, args.imports)
-        variants = variants or defaults
+        if not variants:
+            groups = defaults  # one dispatcher per group: OUT/<group>/NAME_<group>.{c,h}
     elif not (args.file and args.kernel):
         raise ValueError("give FILE and --kernel NAME (or --plugin NAME)")
-    if not variants:
+    if not any(groups.values()):
         raise ValueError("give at least one --variant 'SIGNATURE;GRID[;WARPS[;STAGES]]'")
-    try:
-        result = compile_aot(args.file, args.kernel, variants, args.out, args.name, target=args.target,
-                             smem_limit=args.smem_limit, overwrite=args.overwrite)
-    except RuntimeError as e:  # Triton's tools failed in a way the checks above did not foresee
-        raise ValueError(str(e)) from None
-    for fn, nbytes in result.shared_bytes.items():
-        print(f"{fn}: {nbytes} bytes of dynamic shared memory")
-    print(f"wrote {len(result.sources)} sources and {len(result.headers)} headers to {result.out_dir}; "
-          f"dispatcher {result.name}() in {result.dispatcher_header.name}")
+    for suffix, group in groups.items():
+        name = f"{args.name}_{suffix}" if suffix else args.name
+        out = Path(args.out) / suffix if suffix else Path(args.out)
+        try:
+            result = compile_aot(args.file, args.kernel, group, out, name, target=args.target,
+                                 smem_limit=args.smem_limit, overwrite=args.overwrite)
+        except RuntimeError as e:  # Triton's tools failed in a way the checks above did not foresee
+            raise ValueError(str(e)) from None
+        for fn, nbytes in result.shared_bytes.items():
+            print(f"{fn}: {nbytes} bytes of dynamic shared memory")
+        print(f"wrote {len(result.sources)} sources and {len(result.headers)} headers to {result.out_dir}; "
+              f"dispatcher {result.name}() in {result.dispatcher_header.name}")
     return 0

@@ -80,8 +80,9 @@ class PluginBase:
     aot_kernel: Optional[Tuple[str, str]] = None
     """(file relative to the package root's parent, kernel name): the Triton kernel `modelopt-lite aot
     --plugin NAME` compiles. The file must import only triton (Triton's AoT tool loads it standalone)."""
-    aot_variants: Tuple[Tuple, ...] = ()
-    """Default specialisations for `aot`: (signature, grid, num_warps, num_stages) each."""
+    aot_variants: Dict[str, Tuple[Tuple, ...]] = {}
+    """Default specialisations for `aot`, grouped into one dispatcher each (e.g. by dtype):
+    {suffix: ((signature, grid, num_warps, num_stages), ...)}."""
 
     def __new__(cls, *args, **kwargs):
         obj = super().__new__(cls)

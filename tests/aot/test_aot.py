@@ -80,6 +80,13 @@ def test_shared_memory_is_checked_against_the_limit(tmp_path):
         shared_memory_limit("sm90")
 
 
+def test_variants_a_dispatcher_cannot_tell_apart_are_refused(tmp_path):
+    f16 = AotVariant("*fp16:16, *fp16:16, *fp16:16, i32, 1024", ALIGNED.grid)
+    f32 = AotVariant("*fp32:16, *fp32:16, *fp32:16, i32, 1024", ALIGNED.grid)
+    with pytest.raises(ValueError, match="variants 0 and 1 differ only in pointer element types"):
+        compile_aot(KERNELS, "add_kernel", [f16, f32], tmp_path / "o", "add")
+
+
 def test_bad_input_is_refused_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         compile_aot(tmp_path / "nope.py", "k", [ALIGNED], tmp_path / "o", "k")
@@ -120,9 +127,12 @@ def test_cli_compiles_a_registered_plugins_kernel(tmp_path, capsys):
     out = tmp_path / "lookup"
     rc = main(["aot", "--plugin", "TritonLookUp", "--name", "lookup", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["kernel"] == "lookup_kernel" and len(manifest["variants"]) == 2
-    header = (out / "lookup.h").read_text()
-    assert "CUdeviceptr ids_ptr, CUdeviceptr table_ptr, CUdeviceptr out_ptr, int32_t N, int32_t V, int32_t D" in header
+    for dtype in ("fp16", "fp32"):
+        manifest = json.loads((out / dtype / "manifest.json").read_text())
+        assert manifest["kernel"] == "lookup_kernel" and len(manifest["variants"]) == 1
+        assert f"*{dtype}:16" in manifest["variants"][0]["signature"]
+        header = (out / dtype / f"lookup_{dtype}.h").read_text()
+        assert ("CUdeviceptr ids_ptr, CUdeviceptr table_ptr, CUdeviceptr out_ptr, int32_t N, int32_t V, int32_t D"
+                in header)
     rc = main(["aot", "--plugin", "NoSuchPlugin", "--name", "x", "--out", str(tmp_path / "x")])
     assert rc == 2 and "NoSuchPlugin" in capsys.readouterr().err

@@ -77,13 +77,13 @@ def lookup_triton(ids: torch.Tensor, table: torch.Tensor, out: torch.Tensor, blo
 class TritonLookUp(PluginBase):
     """Gathers rows of ``table`` [V, D] at ``ids`` [N...] into [N..., D] (float32 with ``fp32_output``)."""
 
-    # `modelopt-lite aot --plugin TritonLookUp`: the kernel and its default specialisations
-    # (int32 ids; fp16 / fp32 tables and outputs; 128-column tiles).
+    # `modelopt-lite aot --plugin TritonLookUp`: the kernel and its default specialisations, one dispatcher
+    # per table dtype (int32 ids, 128-column tiles; pointer types are invisible to a C dispatcher).
     aot_kernel = ("modelopt_lite/plugins/examples/lookup_kernel.py", "lookup_kernel")
-    aot_variants = (
-        ("*i32:16, *fp16:16, *fp16:16, i32, i32, i32, 128", "N, (D + 127) / 128, 1", 4, 1),
-        ("*i32:16, *fp32:16, *fp32:16, i32, i32, i32, 128", "N, (D + 127) / 128, 1", 4, 1),
-    )
+    aot_variants = {
+        "fp16": (("*i32:16, *fp16:16, *fp16:16, i32, i32, i32, 128", "N, (D + 127) / 128, 1", 4, 1),),
+        "fp32": (("*i32:16, *fp32:16, *fp32:16, i32, i32, i32, 128", "N, (D + 127) / 128, 1", 4, 1),),
+    }
 
     def __init__(self, fp32_output: bool = False):
         super().__init__()
