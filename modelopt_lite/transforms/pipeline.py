@@ -305,8 +305,34 @@ class EliminateDeadCode(Transform):
         # FX's own purity test lets in-place method calls go (x.add_(1) with its result unused).
         gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _writes_in_place(gm, n))
         if self.config.remove_unused_modules:
-            gm.delete_all_unused_submodules()
+            _delete_unused_submodules(gm)
         return before - len(gm.graph.nodes)
+
+
+def _delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """Drop submodules no node reaches any more, without touching the insides of modules that are still used.
+
+    The graph's leaf modules are the user's own objects (shared with the model it was captured from), so
+    only references held by the GraphModule's own path containers are removed; FX's
+    `delete_all_unused_submodules` would also delete, say, an unused quantizer inside a used layer.
+    """
+    used = set()
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            parts = str(n.target).split(".")
+            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    leaves = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # FX path containers are plain Modules
+    for name, _ in sorted(gm.named_modules(remove_duplicate=False), key=lambda kv: -kv[0].count(".")):
+        if not name or name in used:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        if any(parent_name == leaf or parent_name.startswith(leaf + ".") for leaf in leaves):
+            continue  # inside a module the graph calls: it belongs to that module
+        parent = gm.get_submodule(parent_name) if parent_name else gm
+        if parent is not gm and type(parent) is not nn.Module:
+            continue  # a user module (shared with the model): never edit it
+        if child in parent._modules:
+            del parent._modules[child]
 
 
 @register_transform("fold_fake_quant_disabled")
