@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import List
 
 from torch import fx
 
 from .collection import GraphCollection
+from ..utils.fs import write_text_atomic
 
 __all__ = ["graph_to_dot", "dump_graphs"]
 
@@ -38,16 +38,6 @@ def graph_to_dot(graph: fx.Graph, name: str = "graph") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def dump_graphs(graphs: GraphCollection, out_dir: str | os.PathLike) -> List[Path]:
@@ -66,7 +56,7 @@ def dump_graphs(graphs: GraphCollection, out_dir: str | os.PathLike) -> List[Pat
             code = f"# no Python code: {type(e).__name__}: {e}\n"
         text = header + "\n" + str(entry.graph) + "\n\n# Python code\n" + code
         for path, content in ((out / f"{stem}.txt", text), (out / f"{stem}.dot", graph_to_dot(entry.graph, stem))):
-            _atomic_write(path, content)
+            write_text_atomic(path, content)
             written.append(path)
     (out / "summary.txt").write_text(graphs.summary() + "\n")
     written.append(out / "summary.txt")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import operator
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -23,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .registry import (Transform, TransformConfig, TransformConfigError, TransformContext, build_transform,
                        get_transform, register_transform)
+from ..utils.fs import write_text_atomic
 
 __all__ = ["DEFAULT_CONFIG", "TransformResult", "capture", "format_graph", "load_pipeline", "optimize"]
 
@@ -149,16 +149,6 @@ def format_graph(gm: fx.GraphModule) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------ pipeline
@@ -197,14 +187,14 @@ def optimize(model_or_gm: Union[nn.Module, fx.GraphModule], example_inputs: Any 
             result = TransformResult(key, "skipped", reason=str(reason))
         else:
             if dump is not None:
-                _atomic_write(dump / f"{i:02d}_{key}_before.txt", format_graph(gm))
+                write_text_atomic(dump / f"{i:02d}_{key}_before.txt", format_graph(gm))
             matches = int(t.apply(gm, ctx))
             gm.graph.lint()
             gm.recompile()
             if matches:
                 _propagate(gm, ctx)
             if dump is not None:
-                _atomic_write(dump / f"{i:02d}_{key}_after.txt", format_graph(gm))
+                write_text_atomic(dump / f"{i:02d}_{key}_after.txt", format_graph(gm))
             result = TransformResult(key, "applied", matches)
         report.append(result)
         if log:

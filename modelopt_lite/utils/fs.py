@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Union
 
-__all__ = ["atomic_directory", "atomic_file", "check_target"]
+__all__ = ["atomic_directory", "atomic_file", "check_target", "write_text_atomic"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -121,3 +121,9 @@ def atomic_file(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write `text` to `path` (replacing it) through a temporary file, so readers never see a partial file."""
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(text)
