@@ -9,7 +9,7 @@ import torch
 
 from . import interpret_mode
 
-__all__ = ["COUNTER_SLOTS", "num_sms", "split_k_counters", "m_bucket", "ShapeTuner"]
+__all__ = ["COUNTER_SLOTS", "num_sms", "split_k_counters", "m_bucket", "m_regime", "ShapeTuner"]
 
 COUNTER_SLOTS = 8192
 """Output tiles a split-K launch may have: one int32 arrival counter each."""
@@ -43,6 +43,17 @@ def split_k_counters(device: torch.device, owner: str) -> torch.Tensor:
 def m_bucket(M: int) -> int:
     """Tuning bucket of M: the next power of two (at least 16, at most 16384)."""
     return min(max(16, 1 << max(0, (M - 1).bit_length())), 16384)
+
+
+def m_regime(M: int) -> str:
+    """Which candidate list a GEMM of M rows tunes over: m16, m64, m256 or large."""
+    if M <= 16:
+        return "m16"
+    if M <= 64:
+        return "m64"
+    if M <= 256:
+        return "m256"
+    return "large"
 
 
 class ShapeTuner:

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List
 
-from .common import ShapeTuner, m_bucket
+from .common import ShapeTuner, m_bucket, m_regime
 
 __all__ = ["GemmConfig", "candidate_configs", "m_bucket", "tune", "TUNER", "REGIMES", "lookup"]
 
@@ -70,13 +70,8 @@ REGIMES: Dict[str, List[GemmConfig]] = {
 
 
 def _regime(M: int, fast_accum: bool = False) -> str:
-    if M <= 16:
-        return "m16"
-    if M <= 64:
-        return "m64"
-    if M <= 256:
-        return "m256"
-    return "large_fast" if fast_accum else "large"
+    regime = m_regime(M)
+    return "large_fast" if fast_accum and regime == "large" else regime
 
 
 def candidate_configs(M: int, N: int, K: int, quant_a: bool, tma: bool, fast_accum: bool = False) -> List[GemmConfig]:

@@ -17,7 +17,7 @@ dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -117,8 +117,14 @@ FALLBACK = GemmKernel(
 
 
 def select_gemm(call: GemmCall) -> GemmKernel:
-    """The kernel for `call`: the first registered one that accepts it, else the fallback."""
+    """The kernel for `call`: the first registered one that accepts it, else the fallback.
+
+    Any quantized activation can be fake-quantized first, so when no kernel takes its format
+    directly (say FP8 activations with a 4-bit weight) the kernels for ``fake`` are tried next.
+    """
     for kernel in _REGISTRY:
         if kernel.accepts(call):
             return kernel
+    if call.activation not in ("none", "fake"):
+        return select_gemm(replace(call, activation="fake"))
     return FALLBACK

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import interpret_mode, triton_available
-from .common import COUNTER_SLOTS, ShapeTuner, m_bucket, num_sms, split_k_counters
+from .common import COUNTER_SLOTS, ShapeTuner, m_bucket, m_regime, num_sms, split_k_counters
 from .w4_layout import NV_Q, int4_quarter
 
 __all__ = ["W4Config", "candidate_configs", "config_fits", "launch", "run_w4", "tune", "TUNER",
@@ -67,16 +67,6 @@ REGIMES: Dict[Tuple[str, str], List[W4Config]] = {
 """Candidates per (kind, regime); module-level so that a sweep can replace a list."""
 
 
-def _regime(M: int) -> str:
-    if M <= 16:
-        return "m16"
-    if M <= 64:
-        return "m64"
-    if M <= 256:
-        return "m256"
-    return "large"
-
-
 def _granule(p) -> int:
     return 4 * (NV_Q if p.kind == "nvfp4" else int4_quarter(p.block))
 
@@ -109,7 +99,7 @@ def config_fits(cfg: W4Config, p) -> bool:
 
 def candidate_configs(p, M: int) -> List[W4Config]:
     """The configs of M's regime that fit this weight."""
-    return [cfg for cfg in REGIMES[(p.kind, _regime(M))] if config_fits(cfg, p)]
+    return [cfg for cfg in REGIMES[(p.kind, m_regime(M))] if config_fits(cfg, p)]
 
 
 # ------------------------------------------------------------------------------------------------ launch

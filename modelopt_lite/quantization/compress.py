@@ -125,12 +125,7 @@ class CompressedLinear(nn.Module):
         kernel = self._kernel_cache.get(key)
         if kernel is None:
             call = registry.GemmCall(self.kind, act, x.device, self.out_features, self.in_features, x.dtype)
-            kernel = registry.select_gemm(call)
-            if act.startswith("fp8_") and kernel is registry.FALLBACK:
-                # No fused W8A8 kernel here: fake-quantize the activation, then the weight-only path.
-                kernel = registry.select_gemm(registry.GemmCall(self.kind, "fake", x.device, self.out_features,
-                                                                self.in_features, x.dtype))
-            self._kernel_cache[key] = kernel
+            kernel = self._kernel_cache[key] = registry.select_gemm(call)
         return kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,9 +227,12 @@ def _fp8_w8a8(module: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _w4_weight_only(module: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
-    from ..kernels.w4_gemm import w4_linear
+    # The op itself validates its tensors once; the storage was checked when the layer was compressed.
+    import modelopt_lite.kernels.w4_gemm  # noqa: F401  (registers the op)
 
-    return w4_linear(x, module.packed(), module.bias)
+    return torch.ops.modelopt_lite.w4_linear(x, module.w4_data, module.w4_scales, module.w4_global_scale,
+                                             module.bias, module.kind, module.out_features, module.in_features,
+                                             module.block)
 
 
 def _fp8_dims_ok(call: registry.GemmCall) -> bool:

@@ -1,14 +1,11 @@
 /* Loads the AoT-compiled add kernel, runs it on inputs read from a file, writes the output, and checks
  * the two launcher fixes: a call that matches no specialisation returns an error, and a second unload
  * is harmless.  Usage: harness_add N in.bin out.bin   (in.bin: x then y, N float32 each) */
-#include <cuda.h>
-#include <stdio.h>
 #include <stdlib.h>
 
-#include "add_f32.h"
+#include "harness_common.h"
 
-#define CHECK(call) do { CUresult r_ = (call); if (r_ != CUDA_SUCCESS) { \
-    const char *s_; cuGetErrorString(r_, &s_); fprintf(stderr, "%s failed: %s\n", #call, s_); return 1; } } while (0)
+#include "add_f32.h"
 
 int main(int argc, char **argv) {
     if (argc != 4) { fprintf(stderr, "usage: %s N in.bin out.bin\n", argv[0]); return 2; }
@@ -18,12 +15,7 @@ int main(int argc, char **argv) {
     FILE *f = fopen(argv[2], "rb");
     if (!f || fread(host, 1, 2 * bytes, f) != 2 * bytes) { fprintf(stderr, "cannot read %s\n", argv[2]); return 1; }
     fclose(f);
-    CUdevice dev;
-    CUcontext ctx;
-    CHECK(cuInit(0));
-    CHECK(cuDeviceGet(&dev, 0));
-    CHECK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CHECK(cuCtxSetCurrent(ctx));
+    if (use_primary_context() != 0) return 1;
     CUdeviceptr x, y, out;
     CHECK(cuMemAlloc(&x, bytes + 64));
     CHECK(cuMemAlloc(&y, bytes));

@@ -1,13 +1,10 @@
 /* Runs the AoT-compiled TritonLookUp kernel (fp32 table): out[i, :] = table[ids[i], :].
  * Usage: harness_lookup N V D in.bin out.bin   (in.bin: N int32 ids, then V*D float32) */
-#include <cuda.h>
-#include <stdio.h>
 #include <stdlib.h>
 
-#include "lookup_fp32.h"
+#include "harness_common.h"
 
-#define CHECK(call) do { CUresult r_ = (call); if (r_ != CUDA_SUCCESS) { \
-    const char *s_; cuGetErrorString(r_, &s_); fprintf(stderr, "%s failed: %s\n", #call, s_); return 1; } } while (0)
+#include "lookup_fp32.h"
 
 int main(int argc, char **argv) {
     if (argc != 6) { fprintf(stderr, "usage: %s N V D in.bin out.bin\n", argv[0]); return 2; }
@@ -17,12 +14,7 @@ int main(int argc, char **argv) {
     FILE *f = fopen(argv[4], "rb");
     if (!f || fread(host, 1, ids_bytes + table_bytes, f) != ids_bytes + table_bytes) { fprintf(stderr, "bad input\n"); return 1; }
     fclose(f);
-    CUdevice dev;
-    CUcontext ctx;
-    CHECK(cuInit(0));
-    CHECK(cuDeviceGet(&dev, 0));
-    CHECK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CHECK(cuCtxSetCurrent(ctx));
+    if (use_primary_context() != 0) return 1;
     CUdeviceptr ids, table, out;
     CHECK(cuMemAlloc(&ids, ids_bytes));
     CHECK(cuMemAlloc(&table, table_bytes));
