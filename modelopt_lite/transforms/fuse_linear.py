@@ -57,13 +57,9 @@ def _gemm_targets() -> set:
 
 def capture_quantized(model: nn.Module) -> fx.GraphModule:
     """FX graph of `model` with CompressedLinear, quantized layers and TensorQuantizer modules as leaves."""
-    from ..quantization.compress import CompressedLinear
-    from ..quantization.tensor_quantizer import TensorQuantizer
-    from ..trace.tracer import RobustTracer
+    from .capture import capture_fx
 
-    tracer = RobustTracer(leaves=(TensorQuantizer, CompressedLinear))
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return capture_fx(model)[0]
 
 
 def gemm_node_count(gm: fx.GraphModule) -> int:

@@ -20,6 +20,7 @@ import yaml
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .capture import capture, split_inputs
 from .registry import (Transform, TransformConfig, TransformConfigError, TransformContext, build_transform,
                        get_transform, register_transform)
 from ..utils.fs import write_text_atomic
@@ -50,7 +51,11 @@ class TransformResult:
 # ------------------------------------------------------------------ config
 def _entries(doc: Any, where: str) -> List[Dict[str, Any]]:
     if isinstance(doc, Mapping):
-        doc = doc.get("transforms", None) if set(doc) <= {"transforms"} else None
+        extra = set(doc) - {"transforms", "defaults"}
+        if extra:
+            raise TransformConfigError(f"{where}: unknown top-level keys {sorted(extra)}; a pipeline config has "
+                                       "'transforms:' (a list) and optionally 'defaults:' (true/false)")
+        doc = doc.get("transforms", None)
     if not isinstance(doc, list):
         raise TransformConfigError(f"{where}: expected a mapping with a list under 'transforms:'")
     out, seen = [], set()
@@ -76,9 +81,15 @@ def _read(config: Union[str, os.PathLike, Mapping, list, None]) -> Tuple[Any, st
 
 def load_pipeline(config: Union[str, os.PathLike, Mapping, None] = None) -> List[Tuple[str, Transform]]:
     """The ordered (key, transform) list: the default pipeline with `config`'s entries merged by key.
-    A user entry for a registered transform missing from the default is appended at the end."""
+    A user entry for a registered transform missing from the default is appended at the end.
+    With ``defaults: false`` at the top of `config`, only its own entries run, in its order."""
     base = _entries(yaml.safe_load(DEFAULT_CONFIG.read_text()), str(DEFAULT_CONFIG))
     doc, where = _read(config)
+    if isinstance(doc, Mapping) and "defaults" in doc:
+        if not isinstance(doc["defaults"], bool):
+            raise TransformConfigError(f"{where}: 'defaults' must be true or false, got {doc['defaults']!r}")
+        if not doc["defaults"]:
+            base = []
     if doc is not None:
         by_key = {e["key"]: e for e in base}
         for e in _entries(doc, where):
@@ -91,40 +102,6 @@ def load_pipeline(config: Union[str, os.PathLike, Mapping, None] = None) -> List
         key = e.pop("key")
         out.append((key, build_transform(key, e)))
     return out
-
-
-# ------------------------------------------------------------------ capture
-def _split_inputs(example_inputs: Any) -> Tuple[Optional[Tuple[Any, ...]], Dict[str, Any]]:
-    if example_inputs is None:
-        return None, {}
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    return tuple(example_inputs), {}
-
-
-def capture(model: nn.Module, args: Optional[Tuple[Any, ...]] = None, kwargs: Optional[Dict[str, Any]] = None) -> Tuple[fx.GraphModule, str]:
-    """A GraphModule of `model` and how it was made: ``"fx"`` (RobustTracer; quantized layers and
-    quantizers stay leaves) or ``"export"`` (torch.export, when FX fails on the model or on any of
-    its submodules and example inputs are given)."""
-    from ..quantization.tensor_quantizer import TensorQuantizer
-    from ..trace.tracer import RobustTracer, TraceFailure
-
-    tracer = RobustTracer(leaves=(TensorQuantizer,))
-    try:
-        graph = tracer.trace(model)
-        if not tracer.failures or args is None:
-            return fx.GraphModule(tracer.root, graph, type(model).__name__), "fx"
-        # Submodules FX could not trace would hide inside opaque nodes: export sees through them.
-        logger.info("FX could not trace %s inside %s; using torch.export", ", ".join(sorted(tracer.failures)),
-                    type(model).__name__)
-    except TraceFailure as e:
-        if args is None:
-            raise TraceFailure(f"torch.fx cannot trace {type(model).__name__} ({e}); pass example_inputs so "
-                               "that optimize() can capture it with torch.export") from e
-        logger.info("FX trace of %s failed (%s); using torch.export", type(model).__name__, e)
-    return torch.export.export(model, tuple(args), kwargs=kwargs or None).module(), "export"
 
 
 # ------------------------------------------------------------------ dumps
@@ -165,7 +142,7 @@ def optimize(model_or_gm: Union[nn.Module, fx.GraphModule], example_inputs: Any 
 
     `example_inputs`: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
     The report (a list of `TransformResult`) is ``gm.meta["transform_report"]``."""
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     if isinstance(model_or_gm, fx.GraphModule):
         gm, how, model = model_or_gm, "given", None
     elif isinstance(model_or_gm, nn.Module):

@@ -13,7 +13,7 @@ from modelopt_lite.transforms import TransformConfigError, build_transform, form
 from modelopt_lite.transforms.fuse_linear import (HorizontalLinear, QuantizedLinear, capture_quantized,
                                                   gemm_node_count)
 
-BOTH = {"transforms": [{"key": "horizontal_linear"}, {"key": "quantized_linear"}]}
+BOTH = {"defaults": False, "transforms": [{"key": "horizontal_linear"}, {"key": "quantized_linear"}]}
 FMTS = ["fp8", "int4_awq", "nvfp4", "int8"]
 
 

@@ -10,7 +10,10 @@ from modelopt_lite.quantization.tensor_quantizer import TensorQuantizer
 from modelopt_lite.transforms import (TRANSFORMS, Pattern, find_matches, Transform, TransformConfig, TransformConfigError, load_pipeline,
                                       optimize, register_transform, unregister_transform)
 
-DEFAULT_KEYS = ["fold_fake_quant_disabled", "remove_identity", "eliminate_dead_code"]
+DEFAULT_KEYS = ["fold_fake_quant_disabled", "remove_identity", "horizontal_linear", "quantized_linear", "norm_quant",
+                "swiglu_quant", "eliminate_dead_code"]
+BUILTINS = {"defaults": False, "transforms": [{"key": "fold_fake_quant_disabled"}, {"key": "remove_identity"},
+                                              {"key": "eliminate_dead_code"}]}
 
 
 @pytest.fixture
@@ -112,11 +115,18 @@ def test_builtins_counts_log_and_numerics(caplog):
     ref = model(x)
     with caplog.at_level(logging.INFO, logger="modelopt_lite.transforms"):
         gm = optimize(model, (x,))
-    assert _summaries(caplog) == ["[SUMMARY] fold_fake_quant_disabled: matches=1",
-                                  "[SUMMARY] remove_identity: matches=4",
-                                  "[SUMMARY] eliminate_dead_code: matches=2"]
+    assert _summaries(caplog) == [
+        "[SUMMARY] fold_fake_quant_disabled: matches=1",
+        "[SUMMARY] remove_identity: matches=4",
+        "[SUMMARY] horizontal_linear: skipped (no 2+ fusable linear layers read the same input)",
+        "[SUMMARY] quantized_linear: skipped (no QuantLinear or CompressedLinear call_module nodes of the configured "
+        "kinds in the graph)",
+        "[SUMMARY] norm_quant: skipped (no modelopt_lite.fake_quant nodes in the graph)",
+        "[SUMMARY] swiglu_quant: skipped (no modelopt_lite.fake_quant nodes in the graph)",
+        "[SUMMARY] eliminate_dead_code: matches=2"]
     assert [(r.key, r.status, r.matches) for r in gm.meta["transform_report"]] == [
-        ("fold_fake_quant_disabled", "applied", 1), ("remove_identity", "applied", 4), ("eliminate_dead_code", "applied", 2)]
+        ("fold_fake_quant_disabled", "applied", 1), ("remove_identity", "applied", 4)] + [
+        (k, "skipped", 0) for k in DEFAULT_KEYS[2:6]] + [("eliminate_dead_code", "applied", 2)]
     called = sorted(n.target for n in gm.graph.nodes if n.op == "call_module")
     assert called == ["lin", "q_on", "q_smooth"]
     assert not hasattr(gm, "q_off") and not hasattr(gm, "idn")
@@ -134,7 +144,7 @@ def test_copies_kept_when_graph_writes_in_place():
 
     x = torch.randn(4)
     gm = optimize(InPlace(), (x,))
-    assert [r.matches for r in gm.meta["transform_report"][1:]] == [0, 0]
+    assert [r.matches for r in gm.meta["transform_report"][1:]] == [0] * 6
     assert [n.target for n in gm.graph.nodes if n.op == "call_method"] == ["clone", "add_", "detach"]
     assert torch.equal(gm(x), 2 * x + 1)
 
@@ -146,10 +156,19 @@ def test_disabled_and_skipped_lines(caplog, temp_transform):
     with caplog.at_level(logging.INFO, logger="modelopt_lite.transforms"):
         gm = optimize(model, (torch.randn(2, 4),), config=cfg)
     assert _summaries(caplog) == ["[SUMMARY] fold_fake_quant_disabled: skipped (no quantizer modules in the graph)",
-                                  "[SUMMARY] remove_identity: disabled",
-                                  "[SUMMARY] eliminate_dead_code: matches=0",
-                                  "[SUMMARY] t_skip: skipped (needs fp16 weights)"]
-    assert [r.status for r in gm.meta["transform_report"]] == ["skipped", "disabled", "applied", "skipped"]
+                                  "[SUMMARY] remove_identity: disabled"] + [
+        f"[SUMMARY] {k}: skipped ({r})" for k, r in zip(DEFAULT_KEYS[2:6], (
+            "no 2+ fusable linear layers read the same input",
+            "no QuantLinear or CompressedLinear call_module nodes of the configured kinds in the graph",
+            "no modelopt_lite.fake_quant nodes in the graph", "no modelopt_lite.fake_quant nodes in the graph"))] + [
+        "[SUMMARY] eliminate_dead_code: matches=0", "[SUMMARY] t_skip: skipped (needs fp16 weights)"]
+    assert [r.status for r in gm.meta["transform_report"]] == ["skipped", "disabled"] + ["skipped"] * 4 + ["applied", "skipped"]
+    only = dict(load_pipeline({"defaults": False, "transforms": [{"key": "t_skip"}, {"key": "remove_identity"}]}))
+    assert list(only) == ["t_skip", "remove_identity"]
+    with pytest.raises(TransformConfigError, match="'defaults' must be true or false"):
+        load_pipeline({"defaults": "no", "transforms": []})
+    with pytest.raises(TransformConfigError, match=r"unknown top-level keys \['transform'\]"):
+        load_pipeline({"transform": []})
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="modelopt_lite.transforms"):
         optimize(model, (torch.randn(2, 4),), config=cfg, log=False)
@@ -162,7 +181,7 @@ def test_dumps(tmp_path):
     optimize(model, (torch.randn(2, 5),), dump_dir=out)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["01_remove_identity_after.txt", "01_remove_identity_before.txt",
-                     "02_eliminate_dead_code_after.txt", "02_eliminate_dead_code_before.txt"]
+                     "06_eliminate_dead_code_after.txt", "06_eliminate_dead_code_before.txt"]
     before = (out / "01_remove_identity_before.txt").read_text()
     after = (out / "01_remove_identity_after.txt").read_text()
     assert "call_module 1(" in before and "call_module 1(" not in after
@@ -211,11 +230,14 @@ def test_quantized_tiny_llama_export_path(caplog):
     wrapped = Logits(model).eval()
     ref = wrapped(ids)
     with caplog.at_level(logging.INFO, logger="modelopt_lite.transforms"):
-        gm = optimize(wrapped, (ids,))
+        gm = optimize(wrapped, (ids,), config={"transforms": [{"key": "norm_quant", "enabled": False},
+                                                             {"key": "swiglu_quant", "enabled": False}]})
     assert gm.meta["transform_capture"] == "export"
     lines = _summaries(caplog)
     assert lines[0] == "[SUMMARY] fold_fake_quant_disabled: skipped (no quantizer modules in the graph)"
-    assert lines[1].startswith("[SUMMARY] remove_identity: matches=") and lines[2].startswith("[SUMMARY] eliminate_dead_code")
+    assert lines[1].startswith("[SUMMARY] remove_identity: matches=")
+    # the layers are opaque during the export, then lowered: 7 per layer and lm_head (quantizers off: F.linear)
+    assert lines[3] == "[SUMMARY] quantized_linear: matches=15" and lines[-1].startswith("[SUMMARY] eliminate_dead_code")
     fq = [n for n in gm.graph.nodes if n.target is torch.ops.modelopt_lite.fake_quant.default]
     assert len(fq) == 28  # 7 linears x 2 layers x (input, weight)
     ms = find_matches(gm, Pattern(lambda x, amax, spec: torch.ops.modelopt_lite.fake_quant(x, amax, spec)))
