@@ -80,10 +80,13 @@ def _opaque_layers(model: nn.Module) -> Iterator[Dict[int, str]]:
             _LEAVES.pop(token, None)
 
 
-def export_with_leaves(model: nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
-    """torch.export of `model` (non-strict) with its linear layers as ``call_module`` nodes."""
+def export_with_leaves(model: nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]] = None,
+                       dynamic_shapes: Any = None) -> fx.GraphModule:
+    """torch.export of `model` (non-strict) with its linear layers as ``call_module`` nodes.
+    `dynamic_shapes` is torch.export's argument; without it the graph takes only the example shapes."""
     with _opaque_layers(model) as paths:
-        gm = torch.export.export(model, tuple(args), kwargs=kwargs or None, strict=False).module()
+        gm = torch.export.export(model, tuple(args), kwargs=kwargs or None, dynamic_shapes=dynamic_shapes,
+                                 strict=False).module()
         layers = dict(_LEAVES)
     op = torch.ops.modelopt_lite.capture_leaf.default
     for node in list(gm.graph.nodes):
@@ -125,8 +128,8 @@ def split_inputs(example_inputs: Any) -> Tuple[Optional[Tuple[Any, ...]], Dict[s
     return tuple(example_inputs), {}
 
 
-def capture(model: nn.Module, args: Optional[Tuple[Any, ...]] = None,
-            kwargs: Optional[Dict[str, Any]] = None) -> Tuple[fx.GraphModule, str]:
+def capture(model: nn.Module, args: Optional[Tuple[Any, ...]] = None, kwargs: Optional[Dict[str, Any]] = None,
+            dynamic_shapes: Any = None) -> Tuple[fx.GraphModule, str]:
     """A GraphModule of `model` and how it was made: ``"fx"`` or ``"export"`` (see the module docstring)."""
     from ..trace.tracer import TraceFailure
 
@@ -146,6 +149,6 @@ def capture(model: nn.Module, args: Optional[Tuple[Any, ...]] = None,
     model.eval()
     try:
         with torch.no_grad():
-            return export_with_leaves(model, args, kwargs), "export"
+            return export_with_leaves(model, args, kwargs, dynamic_shapes), "export"
     finally:
         model.train(was_training)

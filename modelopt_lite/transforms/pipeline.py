@@ -137,16 +137,19 @@ def _propagate(gm: fx.GraphModule, ctx: TransformContext) -> None:
 
 def optimize(model_or_gm: Union[nn.Module, fx.GraphModule], example_inputs: Any = None,
              config: Union[str, os.PathLike, Mapping, None] = None, dump_dir: Union[str, os.PathLike, None] = None,
-             log: bool = True) -> fx.GraphModule:
+             log: bool = True, dynamic_shapes: Any = None) -> fx.GraphModule:
     """Run the transform pipeline; return the GraphModule (a given GraphModule is rewritten in place).
 
     `example_inputs`: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
-    The report (a list of `TransformResult`) is ``gm.meta["transform_report"]``."""
+    The report (a list of `TransformResult`) is ``gm.meta["transform_report"]``.
+    `dynamic_shapes` goes to torch.export when the model is captured that way (e.g.
+    ``{"input_ids": {1: torch.export.Dim("seq", max=4096)}}``): without it an exported graph
+    accepts only the example inputs' shapes."""
     args, kwargs = split_inputs(example_inputs)
     if isinstance(model_or_gm, fx.GraphModule):
         gm, how, model = model_or_gm, "given", None
     elif isinstance(model_or_gm, nn.Module):
-        gm, how = capture(model_or_gm, args, kwargs)
+        gm, how = capture(model_or_gm, args, kwargs, dynamic_shapes)
         model = model_or_gm
     else:
         raise TypeError(f"optimize() takes an nn.Module or a GraphModule, got {type(model_or_gm).__name__}")
