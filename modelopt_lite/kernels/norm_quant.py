@@ -8,6 +8,8 @@ Three `torch.library` ops (namespace ``modelopt_lite``, with fake impls for torc
 * ``layer_norm_quant(x, weight, bias, eps, amax, spec)``: ``fake_quant(F.layer_norm(x, (N,), ...))``;
 * ``silu_mul_quant(gate, up, amax, spec)``: ``fake_quant(F.silu(gate) * up)``.
 
+An empty `spec` (``""``, amax None) means no quantization: the fused normalization or SwiGLU alone.
+
 On CPU (and for formats or shapes the kernel does not cover) an op runs the PyTorch composition,
 which is bit-identical to the unfused graph. On CUDA the Triton kernel (`triton_norm_quant`) does
 one pass per row: the normalization (or SiLU-multiply) in float32, rounded to the output dtype,
@@ -51,6 +53,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 
 def _fq(v: torch.Tensor, amax: Optional[torch.Tensor], spec: str) -> torch.Tensor:
+    if not spec:  # the empty spec: the fused op without quantization
+        return v
     return _fqk.fake_quant(v, format_from_spec(spec), amax, cache_key=spec)
 
 
@@ -207,6 +211,8 @@ def triton_norm_quant(norm: int, x: torch.Tensor, w: Optional[torch.Tensor], b: 
         if plan is None:
             return None
     else:
+        if n > MAX_ROW:
+            return None
         plan = dict(_fqk._elem_consts(E4M3), QMAXV=448.0, RQ=_fqk._rcp32(448.0), BOUND=0.0, FAST_DIV=False,
                     POS=False, MAGIC_PATH=False, KIND=0, EMAX=0, QMODE=Q_NONE, BB=_np2(n), NBLK=1, BSZ=n)
     xc = x.contiguous()
@@ -223,7 +229,8 @@ def triton_norm_quant(norm: int, x: torch.Tensor, w: Optional[torch.Tensor], b: 
 
 def _dispatch(norm, x, w, b, eps, amax, spec, out_dtype, ref):
     if use_triton(x):
-        y = triton_norm_quant(norm, x, w, b, eps, amax, format_from_spec(spec), out_dtype)
+        fmt = format_from_spec(spec) if spec else None
+        y = triton_norm_quant(norm, x, w, b, eps, amax, fmt, out_dtype, quantize=fmt is not None)
         if y is not None:
             return y
     return ref()

@@ -7,6 +7,10 @@
   (several identical quantizers, e.g. the q/k/v input quantizers, become one).
 * ``swiglu_quant``: ``silu(gate) * up`` feeding only such quantizers -> one ``silu_mul_quant`` node.
 
+With ``fuse_unquantized`` (the default), the multi-op RMSNorm chain and the SwiGLU product are
+also fused when no quantizer reads them (the op with an empty spec: one kernel instead of eight
+or two on CUDA); a single ``layer_norm`` / ``rms_norm`` op without quantizers is left as it is.
+
 A match is left alone when the unquantized value has another reader (a residual add), the
 quantizers differ (spec or amax), the dtypes are ones the fused op does not take, or the format
 is not one the fused kernel covers (unless ``allow_fallback``). Quantizers whose amaxes are
@@ -37,6 +41,8 @@ class _Config(TransformConfig):
     """Merge quantizers whose amaxes are different buffers with equal values (q/k/v inputs)."""
     allow_fallback: bool = False
     """Also fuse formats the Triton kernel does not cover (the op then runs the PyTorch composition)."""
+    fuse_unquantized: bool = True
+    """Also fuse a normalization / SwiGLU product that no quantizer reads (the op with an empty spec)."""
 
 
 def _call(n: Any, *names: str) -> bool:
@@ -106,9 +112,12 @@ def _same_amax(gm: fx.GraphModule, a: Any, b: Any, merge_equal: bool) -> bool:
             and bool(torch.equal(va, vb)))
 
 
-def _quantizers(gm: fx.GraphModule, out: fx.Node, cfg: _Config, row: int) -> Optional[Tuple[Any, str, List[fx.Node]]]:
-    """(amax, spec, quantizer nodes) when every reader of `out` is one identical fake_quant."""
+def _quantizers(gm: fx.GraphModule, out: fx.Node, cfg: _Config, row: int) -> Optional[Tuple[Any, str, Optional[List[fx.Node]]]]:
+    """(amax, spec, quantizer nodes) when every reader of `out` is one identical fake_quant;
+    (None, "", None) when no reader is a fake_quant and unquantized fusion is on; else None."""
     readers = _users(out)
+    if readers and cfg.fuse_unquantized and not any(_call(u, _FQ) for u in readers):
+        return None, "", None
     if not readers or not all(_call(u, _FQ) for u in readers):
         return None
     parts = [(_arg(u, 0, "x"), _arg(u, 1, "amax"), _arg(u, 2, "spec")) for u in readers]
@@ -136,9 +145,12 @@ def _quantizers(gm: fx.GraphModule, out: fx.Node, cfg: _Config, row: int) -> Opt
     return amax, spec, readers
 
 
-def _replace(gm: fx.GraphModule, readers: List[fx.Node], target, args: tuple, chain: List[fx.Node]) -> None:
-    """Insert target(*args) before the first quantizer, rewire all quantizers to it, drop the dead chain."""
+def _replace(gm: fx.GraphModule, readers: Optional[List[fx.Node]], target, args: tuple, chain: List[fx.Node]) -> None:
+    """Insert target(*args) before the first quantizer, rewire all quantizers to it, drop the dead chain.
+    Without quantizers (`readers` None) the op takes the place of the chain's output, ``chain[0]``."""
     graph = gm.graph
+    if readers is None:
+        readers = [chain[0]]
     first = min(readers, key=lambda n: list(graph.nodes).index(n)) if len(readers) > 1 else readers[0]
     with graph.inserting_before(first):
         new = graph.call_function(target, args)
@@ -148,7 +160,8 @@ def _replace(gm: fx.GraphModule, readers: List[fx.Node], target, args: tuple, ch
     dropped = [a for r in readers[1:] for a in (_arg(r, 1, "amax"),) if isinstance(a, fx.Node) and a is not args[-2]]
     for r in readers:
         r.replace_all_uses_with(new)
-        graph.erase_node(r)
+        if r is not chain[0]:
+            graph.erase_node(r)
     for a in dropped:  # the amax reads of merged quantizers
         if a.op == "get_attr" and not a.users:
             graph.erase_node(a)
@@ -166,16 +179,24 @@ def _float(v: Any) -> bool:
 
 class _FusionBase(Transform):
     Config = _Config
+    ANCHORS: Tuple[str, ...] = ()
+    """Ops one of which every match contains (what unquantized fusion looks for)."""
 
     def applicable(self, gm: fx.GraphModule, ctx: TransformContext) -> Optional[str]:
-        if not any(_call(n, _FQ) for n in gm.graph.nodes):
+        if any(_call(n, _FQ) for n in gm.graph.nodes):
+            return None
+        if not self.config.fuse_unquantized:
             return "no modelopt_lite.fake_quant nodes in the graph"
-        return None
+        if any(_call(n, *self.ANCHORS) for n in gm.graph.nodes):
+            return None
+        return f"no modelopt_lite.fake_quant or {'/'.join(self.ANCHORS)} nodes in the graph"
 
 
 @register_transform("norm_quant")
 class FuseNormQuant(_FusionBase):
     """RMSNorm / LayerNorm + activation fake quant -> ``rms_norm_quant`` / ``layer_norm_quant``."""
+
+    ANCHORS = ("rsqrt", "rms_norm", "layer_norm")
 
     def apply(self, gm: fx.GraphModule, ctx: TransformContext) -> int:
         count = 0
@@ -259,8 +280,8 @@ class FuseNormQuant(_FusionBase):
         if not _float(eps):
             return 0
         q = _quantizers(gm, n, self.config, xs[-1])
-        if q is None:
-            return 0
+        if q is None or q[2] is None:
+            return 0  # (an unquantized aten norm is one kernel already)
         amax, spec, readers = q
         if rms:
             target, args = torch.ops.modelopt_lite.rms_norm_quant.default, (x, w, float(eps), amax, spec)
@@ -273,6 +294,8 @@ class FuseNormQuant(_FusionBase):
 @register_transform("swiglu_quant")
 class FuseSwigluQuant(_FusionBase):
     """``silu(gate) * up`` + activation fake quant -> ``silu_mul_quant``."""
+
+    ANCHORS = ("silu",)
 
     def apply(self, gm: fx.GraphModule, ctx: TransformContext) -> int:
         count = 0

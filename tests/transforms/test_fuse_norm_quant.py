@@ -344,7 +344,8 @@ def test_quantized_tiny_llama(qformat):
                                                          {"key": "swiglu_quant", "enabled": False}]}, log=False)
     before = calls(gm)
     assert torch.equal(gm(ids), ref)
-    gm = optimize(gm, (ids,), config=CFG, log=False)
+    quant_only = {"transforms": [{"key": k, "fuse_unquantized": False} for k in ("norm_quant", "swiglu_quant")]}
+    gm = optimize(gm, (ids,), config=quant_only, log=False)
     rep = {r.key: r for r in gm.meta["transform_report"]}
     layers = model.config.num_hidden_layers
     assert rep["norm_quant"].matches == 2 * layers and rep["swiglu_quant"].matches == layers
@@ -355,3 +356,29 @@ def test_quantized_tiny_llama(qformat):
     # per layer: 2 norms of 8 nodes (pow, mean, add, rsqrt, mul, its assert, to, mul; the float32 cast of
     # the input stays: the residual reads it) with 3 + 2 quantizers -> 2 ops; silu, mul, quantizer -> 1 op
     assert before - calls(gm) == layers * ((8 + 3 - 1) + (8 + 2 - 1) + (3 - 1))
+
+
+# ------------------------------------------------------------------ fusion without quantizers (fuse_unquantized)
+def test_unquantized_rmsnorm_and_swiglu_fused():
+    x = _rand(2, 3, 48, dtype=torch.bfloat16)
+    block = RMSBlock(quants=[], residual=True, wdtype=torch.bfloat16)
+    gm, rep = _run(block, x)  # no quantizer reads the norm: the op with an empty spec, exact on CPU
+    assert rep["norm_quant"].matches == 1 and _count(gm, "rms_norm_quant") == 1
+    op = next(n for n in gm.graph.nodes if "rms_norm_quant" in str(n.target))
+    assert op.args[3:] == (None, "")
+    gm, rep = _run(block, x, cfg={"transforms": [{"key": "norm_quant", "fuse_unquantized": False}]})
+    assert rep["norm_quant"].status == "skipped" and _count(gm, "rms_norm_quant") == 0
+    gate, up = _rand(4, 40, seed=1), _rand(4, 40, seed=2)
+    gm, rep = _run(Swiglu(quants=0, extra="residual"), gate, up)
+    assert rep["swiglu_quant"].matches == 1 and _count(gm, "silu_mul_quant") == 1
+    gm, rep = _run(Swiglu(quants=0, extra="silu"), gate, up)  # silu's output has another reader
+    assert rep["swiglu_quant"].matches == 0
+    # a single aten norm op is one kernel already: left alone without quantizers
+    gm, rep = _run(nn.LayerNorm(48), x.float())
+    assert rep["norm_quant"].matches == 0 and _count(gm, "layer_norm_quant") == 0
+
+
+def test_empty_spec_ops_are_the_plain_compositions():
+    x, w, up = _rand(3, 40, dtype=torch.bfloat16), _rand(40, dtype=torch.bfloat16, seed=4), _rand(3, 40, seed=5)
+    assert torch.equal(torch.ops.modelopt_lite.rms_norm_quant(x, w, 1e-6, None, ""), nq.rms_norm_ref(x, w, 1e-6))
+    assert torch.equal(torch.ops.modelopt_lite.silu_mul_quant(x.float(), up, None, ""), F.silu(x.float()) * up)

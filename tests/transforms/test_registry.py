@@ -121,8 +121,8 @@ def test_builtins_counts_log_and_numerics(caplog):
         "[SUMMARY] horizontal_linear: skipped (no 2+ fusable linear layers read the same input)",
         "[SUMMARY] quantized_linear: skipped (no QuantLinear or CompressedLinear call_module nodes of the configured "
         "kinds in the graph)",
-        "[SUMMARY] norm_quant: skipped (no modelopt_lite.fake_quant nodes in the graph)",
-        "[SUMMARY] swiglu_quant: skipped (no modelopt_lite.fake_quant nodes in the graph)",
+        "[SUMMARY] norm_quant: skipped (no modelopt_lite.fake_quant or rsqrt/rms_norm/layer_norm nodes in the graph)",
+        "[SUMMARY] swiglu_quant: skipped (no modelopt_lite.fake_quant or silu nodes in the graph)",
         "[SUMMARY] eliminate_dead_code: matches=2"]
     assert [(r.key, r.status, r.matches) for r in gm.meta["transform_report"]] == [
         ("fold_fake_quant_disabled", "applied", 1), ("remove_identity", "applied", 4)] + [
@@ -160,7 +160,8 @@ def test_disabled_and_skipped_lines(caplog, temp_transform):
         f"[SUMMARY] {k}: skipped ({r})" for k, r in zip(DEFAULT_KEYS[2:6], (
             "no 2+ fusable linear layers read the same input",
             "no QuantLinear or CompressedLinear call_module nodes of the configured kinds in the graph",
-            "no modelopt_lite.fake_quant nodes in the graph", "no modelopt_lite.fake_quant nodes in the graph"))] + [
+            "no modelopt_lite.fake_quant or rsqrt/rms_norm/layer_norm nodes in the graph",
+            "no modelopt_lite.fake_quant or silu nodes in the graph"))] + [
         "[SUMMARY] eliminate_dead_code: matches=0", "[SUMMARY] t_skip: skipped (needs fp16 weights)"]
     assert [r.status for r in gm.meta["transform_report"]] == ["skipped", "disabled"] + ["skipped"] * 4 + ["applied", "skipped"]
     only = dict(load_pipeline({"defaults": False, "transforms": [{"key": "t_skip"}, {"key": "remove_identity"}]}))
