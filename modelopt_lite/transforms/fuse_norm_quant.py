@@ -54,6 +54,13 @@ def _users(n: fx.Node) -> List[fx.Node]:
     return [u for u in n.users if not _call(u, *_ASSERTS)]
 
 
+def _shape_read(n: fx.Node) -> bool:
+    """``t.shape`` / ``t.size()`` / ``t.dim()`` / ``sym_size``: reads of the shape only."""
+    if n.op == "call_function" and n.target is getattr:
+        return n.args[1:] in (("shape",), ("ndim",))
+    return _call(n, "size", "dim", "sym_size")
+
+
 def _arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
     if len(n.args) > i:
         return n.args[i]
@@ -115,7 +122,7 @@ def _same_amax(gm: fx.GraphModule, a: Any, b: Any, merge_equal: bool) -> bool:
 def _quantizers(gm: fx.GraphModule, out: fx.Node, cfg: _Config, row: int) -> Optional[Tuple[Any, str, Optional[List[fx.Node]]]]:
     """(amax, spec, quantizer nodes) when every reader of `out` is one identical fake_quant;
     (None, "", None) when no reader is a fake_quant and unquantized fusion is on; else None."""
-    readers = _users(out)
+    readers = [u for u in _users(out) if not _shape_read(u)]
     if readers and cfg.fuse_unquantized and not any(_call(u, _FQ) for u in readers):
         return None, "", None
     if not readers or not all(_call(u, _FQ) for u in readers):
@@ -147,10 +154,16 @@ def _quantizers(gm: fx.GraphModule, out: fx.Node, cfg: _Config, row: int) -> Opt
 
 def _replace(gm: fx.GraphModule, readers: Optional[List[fx.Node]], target, args: tuple, chain: List[fx.Node]) -> None:
     """Insert target(*args) before the first quantizer, rewire all quantizers to it, drop the dead chain.
-    Without quantizers (`readers` None) the op takes the place of the chain's output, ``chain[0]``."""
+    Without quantizers (`readers` None) the op takes the place of the chain's output, ``chain[0]``.
+    Shape reads of the output (which may come before the quantizers) read ``args[0]`` instead: the
+    fused ops keep their first input's shape."""
     graph = gm.graph
     if readers is None:
         readers = [chain[0]]
+    else:
+        for u in list(chain[0].users):
+            if _shape_read(u):
+                u.replace_input_with(chain[0], args[0])
     first = min(readers, key=lambda n: list(graph.nodes).index(n)) if len(readers) > 1 else readers[0]
     with graph.inserting_before(first):
         new = graph.call_function(target, args)

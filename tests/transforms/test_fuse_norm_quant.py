@@ -382,3 +382,20 @@ def test_empty_spec_ops_are_the_plain_compositions():
     x, w, up = _rand(3, 40, dtype=torch.bfloat16), _rand(40, dtype=torch.bfloat16, seed=4), _rand(3, 40, seed=5)
     assert torch.equal(torch.ops.modelopt_lite.rms_norm_quant(x, w, 1e-6, None, ""), nq.rms_norm_ref(x, w, 1e-6))
     assert torch.equal(torch.ops.modelopt_lite.silu_mul_quant(x.float(), up, None, ""), F.silu(x.float()) * up)
+
+
+class ShapeReadBlock(RMSBlock):
+    """The normalized value's shape is read before its quantizer (``b, s, _ = h.shape`` in attention code)."""
+
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = self.weight * h.to(dt)
+        b, s, _ = h.shape
+        return self.quants[0](h).view(b, s, 4, -1).transpose(1, 2)
+
+
+def test_shape_read_before_the_quantizer_does_not_block_the_match():
+    gm, rep = _run(ShapeReadBlock(quants=[Quant()]), _rand(2, 3, 48))
+    assert rep["norm_quant"].matches == 1 and _count(gm, "rms_norm_quant") == 1 and _count(gm, "fake_quant") == 0
