@@ -10,7 +10,12 @@ the kernels, not Python. Reported: decode tokens/s, ms per step, weight
 memory and peak memory, and how close the compressed model's logits are to
 the fake-quant model's on the prompt.
 
-    PYTHONPATH=. python benchmarks/e2e_decode.py [--variants bf16,fp8,nvfp4] [--layers 32] [--out FILE]
+    PYTHONPATH=. python benchmarks/e2e_decode.py [--variants bf16,fp8,nvfp4] [--layers 32] [--optimize] [--out FILE]
+
+With --optimize each variant is measured again after `modelopt_lite.transforms.optimize` has
+rewritten every decoder layer (horizontal q/k/v and gate/up GEMMs, quantized-GEMM ops, fused
+RMSNorm and SwiGLU with their activation quantization): speed, kernel launches per step
+(torch profiler, one eager step) and agreement with the unoptimized model.
 """
 
 from __future__ import annotations
@@ -174,7 +179,7 @@ def quantized(model, qformat):
         m.new_cache(calib.shape[0])
         m(calib, torch.zeros((), dtype=torch.long, device=DEVICE))
 
-    mtq.quantize(model, qformat, forward_loop=loop, share_input_amax=False)
+    mtq.quantize(model, qformat, forward_loop=loop)  # q/k/v and gate/up share scales, as fused checkpoints do
     ref = logits(model)
     mtq.compress(model)
     out = logits(model)
@@ -187,6 +192,36 @@ def quantized(model, qformat):
     kernels = sorted({m.kernel_for(probe).name for m in model.modules() if isinstance(m, mtq.CompressedLinear)})
     return {"cos_kernels": cosine(out, ref), "fallback_equal": bool(torch.equal(fallback, ref)),
             "cos_fake_quant_vs_bf16": cosine(ref, float_logits)}, kernels
+
+
+def optimize_layers(model):
+    """Replace every decoder layer by its `optimize`d graph (FX capture; default pipeline); returns the
+    first layer's report. The graph does not depend on the batch: one capture serves every batch size."""
+    from modelopt_lite.transforms import optimize
+
+    p = model.embed_tokens.weight
+    pos = torch.full((1,), PROMPT, dtype=torch.long, device=p.device)
+    x = torch.zeros(1, 1, HIDDEN, dtype=p.dtype, device=p.device)
+    mask = torch.arange(MAX_LEN, device=p.device)[None, :] <= pos[:, None]
+    scratch = tuple(torch.zeros(1, KV_HEADS, MAX_LEN, HEAD_DIM, dtype=p.dtype, device=p.device) for _ in range(2))
+    example = (x, model.cos[pos].to(p.dtype), model.sin[pos].to(p.dtype), pos, mask, scratch)
+    report = None
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            gm = optimize(layer, example, log=False)
+            report = report or gm.meta["transform_report"]
+            model.layers[i] = gm
+    gc.collect()
+    return report
+
+
+def launches_per_step(model, batch):
+    """CUDA kernels (or, on the CPU, computing operator calls) of one eager decode step."""
+    from modelopt_lite.transforms import count_launches
+
+    model.new_cache(batch)
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
+    return count_launches(model, tok, torch.full((), PROMPT, dtype=torch.long, device=DEVICE)).kernels
 
 
 def clear_kernel_choice(model):
@@ -261,6 +296,8 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script only")
+    ap.add_argument("--optimize", action="store_true",
+                    help="also run each variant with every decoder layer optimize()d (rows 'variant+opt')")
     args = ap.parse_args()
     if args.smoke:
         smoke_settings()
@@ -277,16 +314,27 @@ def main():
         else:
             close, kernels = quantized(model, VARIANTS[variant])
         weights = model_bytes(model)
-        for batch in batches:
-            if DEVICE == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            ms, tokens, prefill_ms = decode(model, batch)
-            row = dict(variant=variant, batch=batch, ms_per_step=ms, tokens_per_s=batch * 1000.0 / ms,
-                       prefill_ms=prefill_ms, weights_gb=weights / 1e9,
-                       peak_gb=torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else math.nan, kernels=",".join(kernels), **close,
-                       tokens_ok=bool(tokens.shape == (batch, NEW_TOKENS)))
-            rows.append(row)
-            print(row, flush=True)
+        plain = {}
+        for name in [variant] + ([variant + "+opt"] if args.optimize else []):
+            if name.endswith("+opt"):
+                base_logits = logits(model)
+                report = optimize_layers(model)
+                close = dict(close, cos_opt_vs_plain=cosine(logits(model), base_logits),
+                             opt_matches=" ".join(f"{r.key}={r.matches}" for r in report
+                                                  if r.status == "applied" and r.matches))
+            for batch in batches:
+                if DEVICE == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                ms, tokens, prefill_ms = decode(model, batch)
+                plain.setdefault(batch, tokens)
+                row = dict(variant=name, batch=batch, ms_per_step=ms, tokens_per_s=batch * 1000.0 / ms,
+                           prefill_ms=prefill_ms, weights_gb=weights / 1e9,
+                           peak_gb=torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else math.nan,
+                           kernels=",".join(kernels), launches=launches_per_step(model, batch),
+                           same_tokens=(tokens == plain[batch]).float().mean().item(), **close,
+                           tokens_ok=bool(tokens.shape == (batch, NEW_TOKENS)))
+                rows.append(row)
+                print(row, flush=True)
         del model
         gc.collect()
     base = {r["batch"]: r["ms_per_step"] for r in rows if r["variant"] == "bf16"}
@@ -305,6 +353,18 @@ def main():
                      f"{speed:.2f}x | {r['weights_gb']:.2f} | {r['peak_gb']:.2f} | {r['prefill_ms']:.1f} | "
                      f"{r['cos_kernels']:.5f} | {'yes' if r['fallback_equal'] else 'NO'} | "
                      f"{r['cos_fake_quant_vs_bf16']:.5f} | {r['kernels']} |")
+    if args.optimize:
+        lines += ["", "optimize() of every decoder layer (default pipeline) against the same model unoptimized:", "",
+                  "| variant | batch | ms/step plain | ms/step optimized | speed-up | launches/step plain | optimized "
+                  "| same greedy tokens | logits cos opt vs plain | matches (layer 0) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        by = {(r["variant"], r["batch"]): r for r in rows}
+        for r in rows:
+            if not r["variant"].endswith("+opt"):
+                continue
+            p = by[(r["variant"][:-4], r["batch"])]
+            lines.append(f"| {p['variant']} | {r['batch']} | {p['ms_per_step']:.2f} | {r['ms_per_step']:.2f} | "
+                         f"{p['ms_per_step'] / r['ms_per_step']:.3f}x | {p['launches']} | {r['launches']} | "
+                         f"{r['same_tokens'] * 100:.1f}% | {r['cos_opt_vs_plain']:.5f} | {r['opt_matches']} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

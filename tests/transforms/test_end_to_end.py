@@ -83,3 +83,22 @@ def test_count_launches_counts_compute_not_views():
     x = torch.randn(4, 8)
     c = count_launches(lambda t: (t.view(8, 4).t() + 1).relu().sum(), x)
     assert c.kernels == 3 and dict(c.by_op) == {"aten::add": 1, "aten::relu": 1, "aten::sum": 1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4", "w4a16_nvfp4", "int4_awq"])
+def test_cuda_kernels_fewer_launches(fmt):
+    """On the GPU the lowered ops are the Triton GEMMs and fused norms: close to the module path, fewer kernels."""
+    wrapped, ids = _llama(fmt)
+    wrapped, ids = wrapped.cuda(), ids.cuda()
+    with torch.no_grad():
+        ref = wrapped(ids)
+        gm = optimize(wrapped, (ids,), log=False)
+        out = gm(ids)
+    ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    gemm = "modelopt_lite.fp8_linear.default" if fmt == "fp8" else "modelopt_lite.w4_linear.default"
+    assert gemm in ops and "modelopt_lite.rms_norm_quant.default" in ops
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), ref.float().flatten(), dim=0)
+    assert cos > (0.99 if fmt == "nvfp4" else 0.999)  # W4A4: a last-bit change moves activation codes
+    before, after = count_launches(wrapped, ids), count_launches(gm, ids)
+    assert before.how == "cuda-profiler" and after.kernels < before.kernels
