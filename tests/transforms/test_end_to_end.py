@@ -68,7 +68,7 @@ def test_compressed_tiny_llama_default_pipeline(fmt):
 def test_quantlinear_tiny_llama_and_dynamic_sequence():
     """Fake-quant (not compressed) layers through the default pipeline, captured with a dynamic sequence."""
     wrapped, ids = _llama("fp8", compress=False)
-    seq = torch.export.Dim("seq", min=2, max=32)
+    seq = torch.export.Dim.DYNAMIC  # (a named range trips a guard of some transformers versions' mask code)
     with torch.no_grad():
         gm = optimize(wrapped, (ids,), log=False, dynamic_shapes={"input_ids": {1: seq}})
         for n in (9, 5, 17):

@@ -99,6 +99,16 @@ def test_fake_impls_under_export():
 
 
 # ------------------------------------------------------------------ Triton kernels (interpreter on CPU)
+KDEV = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernel in Triton's interpreter
+
+
+def _tnq(norm, *args, **kwargs):
+    """`triton_norm_quant` on KDEV (inputs moved there), the result back on the CPU."""
+    moved = [a.to(KDEV) if isinstance(a, torch.Tensor) else a for a in args]
+    y = nq.triton_norm_quant(norm, *moved, **kwargs)
+    return y.cpu() if y is not None else None
+
+
 def _ulp(v: torch.Tensor) -> torch.Tensor:
     """One unit in the last place of each value in its dtype, as float32."""
     f = v.float().abs().clamp_min(torch.finfo(v.dtype).tiny)
@@ -122,14 +132,14 @@ def test_kernel_vs_pytorch(norm, dt, n):
         ref, args = F.layer_norm(x, (n,), w, b, 1e-5), (x, w, b, 1e-5)
     else:
         ref, args = F.silu(x) * up, (x, up, None, 0.0)
-    h = nq.triton_norm_quant(norm, *args, None, None, ref.dtype, quantize=False)
+    h = _tnq(norm, *args, None, None, ref.dtype, quantize=False)
     assert h.dtype == ref.dtype
     mag = ref.float().abs()
     if norm == nq.NORM_LAYER:  # the bias may cancel the normalized term: count ulps of the larger one
         mag = torch.maximum(mag, F.layer_norm(x, (n,), w, None, 1e-5).float().abs() + b.float().abs())
     assert ((h.float() - ref.float()).abs() <= (4 if dt == torch.float32 else 2) * _ulp(mag.to(dt))).all()
     for fmt, amax in ((FP8, torch.tensor(3.0)), (FP8_TOKEN, None), (NVFP4, torch.tensor(5.0))):
-        y = nq.triton_norm_quant(norm, *args, amax, fmt, ref.dtype)
+        y = _tnq(norm, *args, amax, fmt, ref.dtype)
         assert torch.equal(y, fake_quant(h, fmt, amax))
         yu = fake_quant(ref, fmt, amax)
         step = 0.126 * yu.float().abs() + ref.float().abs().amax() / 448 * 2.0**-8 + 1e-30
@@ -141,18 +151,18 @@ def test_kernel_vs_pytorch(norm, dt, n):
 def test_kernel_rms_bf16_input_fp32_weight():
     x, w = _rand(4, 48, dtype=torch.bfloat16, seed=7), _rand(48, seed=8)
     ref = nq.rms_norm_ref(x, w, 1e-6)
-    h = nq.triton_norm_quant(nq.NORM_RMS, x, w, None, 1e-6, None, None, torch.float32, quantize=False)
+    h = _tnq(nq.NORM_RMS, x, w, None, 1e-6, None, None, torch.float32, quantize=False)
     assert ref.dtype == torch.float32 and torch.equal(h, ref)  # the bf16 rounding of x * rstd hides the order
-    y = nq.triton_norm_quant(nq.NORM_RMS, x, w, None, 1e-6, torch.tensor(6.0), NVFP4, torch.float32)
+    y = _tnq(nq.NORM_RMS, x, w, None, 1e-6, torch.tensor(6.0), NVFP4, torch.float32)
     assert torch.equal(y, fake_quant(ref, NVFP4, torch.tensor(6.0)))
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 def test_kernel_bf16_nvfp4_layernorm_without_affine_and_tiny_global():
     x = _rand(3, 40, dtype=torch.bfloat16, seed=9)
-    h = nq.triton_norm_quant(nq.NORM_LAYER, x, None, None, 1e-5, None, None, x.dtype, quantize=False)
+    h = _tnq(nq.NORM_LAYER, x, None, None, 1e-5, None, None, x.dtype, quantize=False)
     for g in (torch.tensor(6.0), torch.tensor(0.0)):
-        y = nq.triton_norm_quant(nq.NORM_LAYER, x, None, None, 1e-5, g, NVFP4, x.dtype)
+        y = _tnq(nq.NORM_LAYER, x, None, None, 1e-5, g, NVFP4, x.dtype)
         assert torch.equal(y, fake_quant(h, NVFP4, g))
     assert torch.equal(h, F.layer_norm(x, (40,)))
 
@@ -163,10 +173,10 @@ def test_kernel_fresh_random_inputs():
     x, w, up = torch.randn(3, n) * 3, torch.randn(n), torch.randn(3, n)
     for norm, args, ref in ((nq.NORM_RMS, (x, w, None, 1e-6), nq.rms_norm_ref(x, w, 1e-6)),
                             (nq.NORM_SILU_MUL, (x, up, None, 0.0), F.silu(x) * up)):
-        h = nq.triton_norm_quant(norm, *args, None, None, torch.float32, quantize=False)
+        h = _tnq(norm, *args, None, None, torch.float32, quantize=False)
         assert ((h - ref).abs() <= 4 * _ulp(ref)).all(), n
         for fmt, amax in ((FP8, ref.abs().amax()), (FP8_TOKEN, None), (NVFP4, ref.abs().amax())):
-            assert torch.equal(nq.triton_norm_quant(norm, *args, amax, fmt, torch.float32), fake_quant(h, fmt, amax)), n
+            assert torch.equal(_tnq(norm, *args, amax, fmt, torch.float32), fake_quant(h, fmt, amax)), n
 
 
 def test_kernel_plan_coverage():
@@ -178,7 +188,7 @@ def test_kernel_plan_coverage():
     assert nq.kernel_plan(INT8_CH, 100, torch.ones(100)) is None
     assert nq.kernel_plan(FP8, nq.MAX_ROW + 1, torch.tensor(1.0)) is None
     x = torch.ones(2, 8)
-    assert nq.triton_norm_quant(nq.NORM_RMS, x, torch.ones(8), None, 1e-6, None, MXFP8, x.dtype) is None
+    assert _tnq(nq.NORM_RMS, x, torch.ones(8), None, 1e-6, None, MXFP8, x.dtype) is None
 
 
 # ------------------------------------------------------------------ transforms on FX graphs
