@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from report import emit
+
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 14336, 32, 8, 128, 128256
 PROMPT, NEW_TOKENS, MAX_LEN = 16, 128, 160
 DEVICE = "cuda"
@@ -373,11 +375,7 @@ def main():
                          f"{p['ms_per_step'] / r['ms_per_step']:.3f}x | {p['launches']} | {r['launches']} | "
                          f"{r['layer0_rel']:.2e} | {r['cos_opt_vs_plain']:.5f} | {r['same_tokens'] * 100:.1f}% | "
                          f"{r['opt_matches']} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from modelopt_lite.kernels import fake_quant as kfq
 from modelopt_lite.quantization.formats import QuantFormat, block_amax, compute_amax
 from modelopt_lite.quantization.formats import fake_quant as ref_fake_quant
 
+from report import emit
+
 F = QuantFormat.create
 
 # name, format, amax kind (static / global / block / None = dynamic), granularity label
@@ -247,11 +249,7 @@ def main():
         doc += ["", "## Host overhead per call (4096 bf16 elements)", ""] + overhead()
     if args.sweep:
         doc += ["", "## Launch-shape sweep (256 MiB bf16, GB/s)", ""] + sweep()
-    text = "\n".join(doc)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(doc, args.out)
     return 1 if fails else 0
 
 

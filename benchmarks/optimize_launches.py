@@ -17,18 +17,11 @@ import statistics
 import time
 
 import torch
-from torch import nn
+
+from modelopt_lite.models import CausalLMLogits
+from report import emit
 
 FORMATS = ["bf16", "fp8", "nvfp4", "w4a16_nvfp4", "int4_awq"]
-
-
-class Logits(nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids):
-        return self.m(input_ids, use_cache=False).logits
 
 
 def eager_ms(fn, x, reps=50):
@@ -57,7 +50,7 @@ def run(fmt, device):
     if fmt != "bf16":
         mtq.quantize(model, fmt, lambda m: m(ids))
         mtq.compress(model)
-    wrapped = Logits(model).eval()
+    wrapped = CausalLMLogits(model).eval()
     with torch.no_grad():
         ref = wrapped(ids)
         gm = optimize(wrapped, (ids,), log=False)
@@ -89,11 +82,7 @@ def main():
     for r in rows:
         lines.append(f"| {r['fmt']} | {r['before']} | {r['after']} | {r['ms_before']:.2f} | {r['ms_after']:.2f} | "
                      f"{r['cos']:.6f} | {'yes' if r['equal'] else 'no'} | {r['matches']} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

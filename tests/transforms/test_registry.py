@@ -220,15 +220,9 @@ def test_quantized_tiny_llama_export_path(caplog):
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
     mtq.quantize(model, "fp8", lambda m: m(ids))
 
-    class Logits(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
+    from modelopt_lite.models import CausalLMLogits
 
-        def forward(self, input_ids):
-            return self.m(input_ids, use_cache=False).logits
-
-    wrapped = Logits(model).eval()
+    wrapped = CausalLMLogits(model).eval()
     ref = wrapped(ids)
     with caplog.at_level(logging.INFO, logger="modelopt_lite.transforms"):
         gm = optimize(wrapped, (ids,), config={"transforms": [{"key": "norm_quant", "enabled": False},
