@@ -5,7 +5,8 @@
 """
 
 from . import formats
-from .algorithms import ALGORITHMS, calibrate, register_algorithm
+from .algorithms import ALGORITHMS, register_algorithm
+from .modes import calibrate
 from .api import create_forward_loop, fold_weight, quantize
 from .calib import CALIBRATORS, CalibrationError
 from .config import ConfigError, QuantizeConfig, QuantizerAttributeConfig

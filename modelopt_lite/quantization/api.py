@@ -71,6 +71,10 @@ def quantize(
     if share_input_amax:
         share_input_amax_by_graph(model, example_inputs=seen.get("inputs"))
     model._modelopt_lite_quant_config = cfg.model_dump(mode="json", exclude_unset=True)
+    from ..opt.modes import record_mode
+
+    record_mode(model, "quantize", {"quant_config": model._modelopt_lite_quant_config,
+                                    "share_input_amax": bool(share_input_amax)})
     return model
 
 

@@ -60,6 +60,8 @@ __all__ = [
     "save",
     "restore",
     "quant_state_dict",
+    "write_quant_state",
+    "read_quant_state",
     "apply_quant_state",
     "QuantStateError",
     "QuantStateMismatch",
@@ -366,30 +368,17 @@ def _safetensors():
     return safetensors.torch
 
 
-def save(model: nn.Module, path: PathLike, overwrite: bool = False, include_weight_amax: bool = True) -> Path:
-    """Write the quantization state of `model` to the directory `path`; returns the path.
-
-    Writes ``quant_state.json`` and ``quant_state.safetensors`` atomically
-    (see `atomic_directory`): an error leaves no partial output. An existing
-    non-empty directory is refused unless `overwrite`, which replaces it
-    whole. The model's weights are not saved.
-    """
+def write_quant_state(directory: Path, model: nn.Module, include_weight_amax: bool = True) -> None:
+    """Write ``quant_state.json`` and ``quant_state.safetensors`` of `model` into `directory` (which exists)."""
     st = _safetensors()
     meta, tensors = quant_state_dict(model, include_weight_amax=include_weight_amax)
     text = json.dumps(meta, indent=1, allow_nan=False)
-    target = Path(path)
-    with atomic_directory(target, overwrite=overwrite) as tmp:
-        (tmp / JSON_FILE).write_text(text + "\n", encoding="utf-8")
-        st.save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
-    return target
+    (directory / JSON_FILE).write_text(text + "\n", encoding="utf-8")
+    st.save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "pt"})
 
 
-def restore(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
-    """Quantize `model` in place from the state `save` wrote to `path`; returns the model.
-
-    See `apply_quant_state` for what is checked and restored; a state that
-    does not fit the model raises QuantStateMismatch and leaves it unchanged.
-    """
+def read_quant_state(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(description, tensors) of the state `write_quant_state` wrote to the directory `path`, header checked."""
     st = _safetensors()
     root = Path(path)
     for name in (JSON_FILE, TENSORS_FILE):
@@ -404,4 +393,29 @@ def restore(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
         tensors = st.load_file(str(root / TENSORS_FILE))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise QuantStateError(f"{str(root / TENSORS_FILE)!r} cannot be read: {type(e).__name__}: {e}") from None
+    return meta, tensors
+
+
+def save(model: nn.Module, path: PathLike, overwrite: bool = False, include_weight_amax: bool = True) -> Path:
+    """Write the quantization state of `model` to the directory `path`; returns the path.
+
+    Writes ``quant_state.json`` and ``quant_state.safetensors`` atomically
+    (see `atomic_directory`): an error leaves no partial output. An existing
+    non-empty directory is refused unless `overwrite`, which replaces it
+    whole. The model's weights are not saved (`modelopt_lite.opt.save` saves
+    them, with the whole history of modes).
+    """
+    target = Path(path)
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        write_quant_state(tmp, model, include_weight_amax)
+    return target
+
+
+def restore(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
+    """Quantize `model` in place from the state `save` wrote to `path`; returns the model.
+
+    See `apply_quant_state` for what is checked and restored; a state that
+    does not fit the model raises QuantStateMismatch and leaves it unchanged.
+    """
+    meta, tensors = read_quant_state(path)
     return apply_quant_state(model, meta, tensors, strict=strict)
