@@ -34,10 +34,12 @@ from .state import save, restore, quant_state_dict, apply_quant_state
 from .summary import print_quant_summary, quant_summary, weight_bytes
 from .compress import CompressedLinear, compress, is_compressed
 from .tensor_quantizer import TensorQuantizer
+from .auto_quantize import AutoQuantizeReport, BudgetError, auto_quantize
 
 globals().update(PRESETS)  # INT8_DEFAULT_CFG, FP8_DEFAULT_CFG, NVFP4_DEFAULT_CFG, ...
 
 __all__ = [
+    "auto_quantize", "AutoQuantizeReport", "BudgetError",
     "formats", "ALGORITHMS", "calibrate", "register_algorithm", "create_forward_loop", "fold_weight", "quantize",
     "CALIBRATORS", "CalibrationError", "ConfigError", "QuantizeConfig", "QuantizerAttributeConfig",
     "disable_quantizer", "enable_quantizer", "named_quantizers", "replace_quant_modules",
