@@ -91,3 +91,37 @@ def test_float_model_and_errors(tmp_path):
     mtq.compress(q)
     with pytest.raises(ValueError, match="save it before compressing"):
         mto.save(q, tmp_path / "c")
+
+
+def test_prune_then_quantize_history_restored(tmp_path):
+    """prune -> quantize -> calibrate replayed in order onto the original architecture."""
+    from modelopt_lite.prune import prune
+
+    model = _llama()
+    calib = [{"input_ids": _ids(s, batch=4, seq=16)} for s in range(3)]
+    prune(model, {"params": "60%"}, calib)
+    mtq.quantize(model, "fp8", lambda m: [m(**b) for b in calib])
+    mtq.calibrate(model, "max", lambda m: m(**calib[0]))
+    assert [e.mode for e in get_modes(model)] == ["prune", "quantize", "calibrate"]
+    x = _ids(9)
+    ref = model(x).logits
+    mto.save(model, tmp_path / "pq")
+    fresh = mto.restore(_llama(), tmp_path / "pq")
+    assert torch.equal(fresh(x).logits, ref)
+    assert sum(p.numel() for p in fresh.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_auto_quantize_restored(tmp_path):
+    model = _llama()
+    batches = [_ids(s, batch=2, seq=8) for s in range(2)]
+    model, report = mtq.auto_quantize(model, constraints={"effective_bits": 6.0},
+                                      quantization_formats=[mtq.NVFP4_DEFAULT_CFG, mtq.FP8_DEFAULT_CFG],
+                                      data_loader=batches, loss_func=lambda out, b: out.logits.float().pow(2).mean(),
+                                      num_calib_steps=2, num_score_steps=2)
+    assert report.effective_bits <= 6.0 and get_modes(model)[-1].mode == "auto_quantize"
+    x = _ids(4)
+    ref = model(x).logits
+    mto.save(model, tmp_path / "aq")
+    fresh = mto.restore(_llama(), tmp_path / "aq")
+    assert torch.equal(fresh(x).logits, ref)
+    assert get_modes(fresh)[-1].state == get_modes(model)[-1].state
