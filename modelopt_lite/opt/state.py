@@ -23,6 +23,7 @@ from typing import Any, Dict, Union
 
 from torch import nn
 
+from ..quantization.state import safetensors_torch
 from ..utils.fs import atomic_directory
 from .modes import MODES_ATTR, ModeEntry, ModeError, registered_modes, replay_mode
 
@@ -41,12 +42,6 @@ _PROVIDERS = {
     "prune": "modelopt_lite.prune",
 }
 """Where each built-in mode's replay is registered (imported on demand by `restore`)."""
-
-
-def _safetensors():
-    from ..quantization.state import _safetensors as st
-
-    return st()
 
 
 def _is_quantized(model: nn.Module) -> bool:
@@ -71,7 +66,7 @@ def save(model: nn.Module, path: PathLike, overwrite: bool = False) -> Path:
         (tmp / STATE_FILE).write_text(text + "\n", encoding="utf-8")
         if doc["quantized"]:
             write_quant_state(tmp, model)
-        _safetensors().save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        safetensors_torch().save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     return target
 
 
@@ -112,7 +107,7 @@ def restore(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
     if doc.get("quantized"):
         meta, tensors = read_quant_state(root)
         apply_quant_state(model, meta, tensors, strict=strict)
-    missing, unexpected = _safetensors().load_model(model, str(root / WEIGHTS_FILE), strict=False)
+    missing, unexpected = safetensors_torch().load_model(model, str(root / WEIGHTS_FILE), strict=False)
     if strict and (missing or unexpected):
         raise ModeError(f"restore: the replayed model does not match the saved tensors (missing {sorted(missing)[:5]}, "
                         f"unexpected {sorted(unexpected)[:5]}); was the model built from the same architecture?")

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from torch import nn
 
 from ..trace.graph_utils import linear_types
-from ..trace.symbols import _HEADS, _KV_HEADS, _looks_like_attention, _looks_like_norm, attention_dims
+from ..trace.symbols import HEAD_COUNT_ATTRS, KV_HEAD_COUNT_ATTRS, looks_like_attention, looks_like_norm, attention_dims
 
 __all__ = ["targets", "new_attrs", "split_name", "HEAD_KEYS"]
 
@@ -35,7 +35,7 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
 
 
 def _last_dim_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.LayerNorm) or (hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)) or _looks_like_norm(m)
+    return isinstance(m, nn.LayerNorm) or (hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)) or looks_like_norm(m)
 
 
 def targets(module: nn.Module, key: str) -> Optional[List[Target]]:
@@ -56,7 +56,7 @@ def targets(module: nn.Module, key: str) -> Optional[List[Target]]:
         return [("weight", -1), ("bias", -1)]
     if isinstance(module, nn.Embedding) and key == "embedding_dim":
         return [("weight", 1)]
-    if _looks_like_attention(module) and key in HEAD_KEYS:
+    if looks_like_attention(module) and key in HEAD_KEYS:
         return []
     return None
 
@@ -98,7 +98,7 @@ def _attention_attrs(module: nn.Module, key: str, size: int) -> Dict[str, Any]:
     config, so a pruned model analyzes (and prunes again) with its real head counts.
     """
     out: Dict[str, Any] = {"num_heads" if key == "num_heads" else "num_key_value_heads": size}
-    names = _HEADS if key == "num_heads" else _KV_HEADS
+    names = HEAD_COUNT_ATTRS if key == "num_heads" else KV_HEAD_COUNT_ATTRS
     for name in names:
         v = getattr(module, name, None)
         if isinstance(v, int) and not isinstance(v, bool):

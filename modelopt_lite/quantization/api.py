@@ -59,7 +59,7 @@ def quantize(
     if converted == 0 and not any(True for _ in named_quantizers(model)):
         warnings.warn("quantize: the model has no layer of a registered class; nothing was quantized")
     set_quantizer_by_cfg(model, cfg)
-    with _first_call_inputs(model) as seen:
+    with first_call_inputs(model) as seen:
         if layerwise:
             options = layerwise if isinstance(layerwise, dict) else {"layers": layerwise}
             unknown = set(options) - {"layers", "feed"}
@@ -79,7 +79,7 @@ def quantize(
 
 
 @contextlib.contextmanager
-def _first_call_inputs(model: nn.Module):
+def first_call_inputs(model: nn.Module):
     """Keep the (args, kwargs) of the model's first call: example inputs for tracing."""
     seen: Dict[str, Any] = {}
 
@@ -174,13 +174,13 @@ def fold_weight(model: nn.Module) -> nn.Module:
     return model
 
 
-def _to_device(batch, device):
+def to_device(batch, device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 
@@ -203,7 +203,7 @@ def create_forward_loop(
         for i, batch in enumerate(tqdm(data, total=total, desc=desc, disable=not progress, leave=False)):
             if num_batches is not None and i >= num_batches:
                 break
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
             if isinstance(batch, dict):
                 model(**batch)
             elif isinstance(batch, (list, tuple)):

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from ..opt import record_mode, register_mode
-from .api import _first_call_inputs, share_input_amax_by_graph
+from .api import first_call_inputs, share_input_amax_by_graph
 from .auto_quantize_score import (LayerSnapshot, format_snapshots, gradient_scores, kl_scores, layer_quantizers,
-                                  run_step, _reset)
+                                  run_step, reset_quantizers)
 from .auto_quantize_search import BudgetError, solve_budget
 from .config import QuantizeConfig, QuantizerAttributeConfig
 from .conversion import replace_quant_modules, set_quantizer_by_cfg
@@ -139,7 +139,7 @@ def _trace(model: nn.Module, batch: Any, forward_step) -> Optional[Any]:
     """The model's graphs (for shared-input groups), traced with the first batch; None when tracing fails."""
     from ..trace import recursive_trace
 
-    with torch.no_grad(), _first_call_inputs(model) as seen:
+    with torch.no_grad(), first_call_inputs(model) as seen:
         run_step(model, batch, forward_step)
     try:
         return recursive_trace(model, example_inputs=seen.get("inputs"))
@@ -260,7 +260,7 @@ def auto_quantize(
     calib, score_batches = batches[:num_calib_steps], batches[:num_score_steps]
 
     replace_quant_modules(model)
-    _reset(model)
+    reset_quantizers(model)
     graphs = _trace(model, batches[0], forward_step)
 
     def loop(m):
@@ -362,12 +362,12 @@ def replay_auto_quantize(model: nn.Module, config: Dict[str, Any], state: Dict[s
                          "replay onto the architecture auto_quantize ran on")
     attrs: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for name, cfg in formats.items():
-        _reset(model)
+        reset_quantizers(model)
         set_quantizer_by_cfg(model, cfg)
         for layer, choice in state.items():
             if choice == name:
                 attrs[layer] = {k: dict(q._attrs) for k, q in layer_quantizers(modules[layer]).items()}
-    _reset(model)
+    reset_quantizers(model)
     for layer, quantizers in attrs.items():
         for k, a in quantizers.items():
             getattr(modules[layer], k).set_attributes(a)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algorithms import calibrate
-from .api import _to_device
+from .api import to_device
 from .config import QuantizeConfig
 from .conversion import named_quantizers, set_quantizer_by_cfg
 from .nn import QuantWeightModule
@@ -51,7 +51,8 @@ def weight_bits(q: TensorQuantizer) -> float:
     return float(bits if bits is not None else e.bits)
 
 
-def _reset(model: nn.Module) -> None:
+def reset_quantizers(model: nn.Module) -> None:
+    """Every quantizer off and uncalibrated (no amax, global amax or pre_quant_scale)."""
     for _, q in named_quantizers(model):
         q.disable()
         q.amax = None
@@ -77,7 +78,7 @@ def format_snapshots(model: nn.Module, name: str, cfg: QuantizeConfig, forward_l
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantWeightModule)}
     keep = _algorithm_name(cfg) not in _WEIGHT_PRESERVING
     originals = {n: p.detach().clone() for n, p in model.named_parameters()} if keep else {}
-    _reset(model)
+    reset_quantizers(model)
     set_quantizer_by_cfg(model, cfg)
     snaps: Dict[str, LayerSnapshot] = {}
     try:
@@ -102,7 +103,7 @@ def format_snapshots(model: nn.Module, name: str, cfg: QuantizeConfig, forward_l
             for n, p in model.named_parameters():
                 if n in originals:
                     p.copy_(originals[n])
-        _reset(model)
+        reset_quantizers(model)
     return snaps
 
 
@@ -140,7 +141,7 @@ def run_step(model: nn.Module, batch: Any, forward_step: Optional[Callable[[nn.M
     if forward_step is not None:
         return forward_step(model, batch)
     param = next(model.parameters(), None)
-    batch = _to_device(batch, param.device if param is not None else torch.device("cpu"))
+    batch = to_device(batch, param.device if param is not None else torch.device("cpu"))
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (list, tuple)):

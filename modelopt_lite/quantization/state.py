@@ -360,17 +360,18 @@ def apply_quant_state(
 
 # --------------------------------------------------------------------------- files
 
-def _safetensors():
+def safetensors_torch():
+    """`safetensors.torch`, or an ImportError that says how to install it."""
     try:
         import safetensors.torch
     except ImportError:
-        raise ImportError("saving and restoring quantization state needs safetensors: pip install safetensors") from None
+        raise ImportError("saving and restoring a model state needs safetensors: pip install safetensors") from None
     return safetensors.torch
 
 
 def write_quant_state(directory: Path, model: nn.Module, include_weight_amax: bool = True) -> None:
     """Write ``quant_state.json`` and ``quant_state.safetensors`` of `model` into `directory` (which exists)."""
-    st = _safetensors()
+    st = safetensors_torch()
     meta, tensors = quant_state_dict(model, include_weight_amax=include_weight_amax)
     text = json.dumps(meta, indent=1, allow_nan=False)
     (directory / JSON_FILE).write_text(text + "\n", encoding="utf-8")
@@ -379,7 +380,7 @@ def write_quant_state(directory: Path, model: nn.Module, include_weight_amax: bo
 
 def read_quant_state(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """(description, tensors) of the state `write_quant_state` wrote to the directory `path`, header checked."""
-    st = _safetensors()
+    st = safetensors_torch()
     root = Path(path)
     for name in (JSON_FILE, TENSORS_FILE):
         if not (root / name).is_file():

@@ -338,7 +338,7 @@ if hasattr(nn, "RMSNorm"):
     register_sym_info(nn.RMSNorm)(_last_dim_norm)
 
 
-def _looks_like_norm(m: nn.Module) -> bool:
+def looks_like_norm(m: nn.Module) -> bool:
     """Hugging Face RMSNorm / LayerNorm classes: a 1-D weight, no children."""
     name = type(m).__name__
     w = getattr(m, "weight", None)
@@ -346,7 +346,7 @@ def _looks_like_norm(m: nn.Module) -> bool:
             and w.dim() == 1 and next(m.children(), None) is None)
 
 
-register_sym_info(predicate=_looks_like_norm)(_last_dim_norm)
+register_sym_info(predicate=looks_like_norm)(_last_dim_norm)
 
 
 @register_sym_info(nn.Embedding)
@@ -378,8 +378,8 @@ def _hf_conv1d(m) -> SymInfo:
 
 # --- attention -------------------------------------------------------------
 
-_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 _HEAD_DIM = ("head_dim", "attention_head_size", "key_value_proj_dim", "d_kv")
 
 
@@ -398,7 +398,7 @@ def attention_dims(m: nn.Module) -> Optional[Tuple[int, int, int]]:
         return m.num_heads, m.num_heads, m.head_dim
     config = getattr(m, "config", None)
     objs = [m] + ([config] if config is not None else [])
-    heads = _first_int(objs, _HEADS)
+    heads = _first_int(objs, HEAD_COUNT_ATTRS)
     head_dim = _first_int(objs, _HEAD_DIM)
     if heads is None:
         return None
@@ -407,7 +407,7 @@ def attention_dims(m: nn.Module) -> Optional[Tuple[int, int, int]]:
         if hidden is None or hidden % heads:
             return None
         head_dim = hidden // heads
-    kv = _first_int(objs, _KV_HEADS)
+    kv = _first_int(objs, KV_HEAD_COUNT_ATTRS)
     groups = getattr(m, "num_key_value_groups", None)
     if kv is None and isinstance(groups, int) and groups > 0 and heads % groups == 0:
         kv = heads // groups
@@ -418,14 +418,14 @@ _PROJECTION_SETS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), (
                     ("qkv_proj",), ("Wqkv",), ("query_key_value",))
 
 
-def _looks_like_attention(m: nn.Module) -> bool:
+def looks_like_attention(m: nn.Module) -> bool:
     if isinstance(m, nn.MultiheadAttention):
         return False
     has_proj = any(all(isinstance(getattr(m, p, None), nn.Module) for p in ps) for ps in _PROJECTION_SETS)
     return has_proj and attention_dims(m) is not None
 
 
-@register_sym_info(predicate=_looks_like_attention, leaf=False)
+@register_sym_info(predicate=looks_like_attention, leaf=False)
 def _attention(m: nn.Module) -> SymInfo:
     heads, kv_heads, head_dim = attention_dims(m)
     info = SymInfo(num_heads=Symbol(heads, is_searchable=True), head_dim=Symbol(head_dim))
