@@ -15,7 +15,6 @@ that a mode needs to restore the model exactly are restored from the saved model
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -89,11 +88,12 @@ def record_mode(model: nn.Module, name: str, config: Optional[Dict[str, Any]] = 
     if name not in _REPLAY:
         raise ModeError(f"mode {name!r} is not registered; known modes: {', '.join(registered_modes())}")
     entry = ModeEntry(name, _json_ready(config or {}, f"{name} config"), _json_ready(state or {}, f"{name} state"))
-    json.dumps(entry.to_json(), allow_nan=False)
-    history = list(getattr(model, MODES_ATTR, []))
-    history.append(entry.to_json())
-    setattr(model, MODES_ATTR, history)
+    _append(model, entry)
     return entry
+
+
+def _append(model: nn.Module, entry: ModeEntry) -> None:
+    setattr(model, MODES_ATTR, list(getattr(model, MODES_ATTR, [])) + [entry.to_json()])
 
 
 def get_modes(model: nn.Module) -> List[ModeEntry]:
@@ -108,6 +108,4 @@ def replay_mode(model: nn.Module, entry: ModeEntry) -> None:
         raise ModeError(f"saved mode {entry.mode!r} is not registered here (known: {', '.join(registered_modes())}); "
                         "import the package that defines it before restoring")
     _REPLAY[entry.mode](model, copy.deepcopy(entry.config), copy.deepcopy(entry.state))
-    history = list(getattr(model, MODES_ATTR, []))
-    history.append(entry.to_json())
-    setattr(model, MODES_ATTR, history)
+    _append(model, entry)

@@ -59,7 +59,7 @@ def quantize(
     if converted == 0 and not any(True for _ in named_quantizers(model)):
         warnings.warn("quantize: the model has no layer of a registered class; nothing was quantized")
     set_quantizer_by_cfg(model, cfg)
-    with first_call_inputs(model) as seen:
+    with _first_call_inputs(model) as seen:
         if layerwise:
             options = layerwise if isinstance(layerwise, dict) else {"layers": layerwise}
             unknown = set(options) - {"layers", "feed"}
@@ -79,7 +79,7 @@ def quantize(
 
 
 @contextlib.contextmanager
-def first_call_inputs(model: nn.Module):
+def _first_call_inputs(model: nn.Module):
     """Keep the (args, kwargs) of the model's first call: example inputs for tracing."""
     seen: Dict[str, Any] = {}
 

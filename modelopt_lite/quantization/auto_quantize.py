@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import numbers
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -27,7 +26,8 @@ import torch
 from torch import nn
 
 from ..opt import record_mode, register_mode
-from .api import first_call_inputs, share_input_amax_by_graph
+from .algorithms.common import trace_model
+from .api import share_input_amax_by_graph
 from .auto_quantize_score import (LayerSnapshot, format_snapshots, gradient_scores, kl_scores, layer_quantizers,
                                   run_step, reset_quantizers)
 from .auto_quantize_search import BudgetError, solve_budget
@@ -133,20 +133,6 @@ def _budget(constraints: Dict[str, Any]) -> float:
     if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not 0 < float(bits) < float("inf"):
         raise ValueError(f"auto_quantize: constraints['effective_bits'] must be a positive number, got {bits!r}")
     return float(bits)
-
-
-def _trace(model: nn.Module, batch: Any, forward_step) -> Optional[Any]:
-    """The model's graphs (for shared-input groups), traced with the first batch; None when tracing fails."""
-    from ..trace import recursive_trace
-
-    with torch.no_grad(), first_call_inputs(model) as seen:
-        run_step(model, batch, forward_step)
-    try:
-        return recursive_trace(model, example_inputs=seen.get("inputs"))
-    except Exception as e:  # noqa: BLE001 - groups then come from layer names only
-        warnings.warn(f"auto_quantize: could not trace the model ({type(e).__name__}: {e}); shared-input groups "
-                      "are found from layer names (q/k/v, gate/up) only")
-        return None
 
 
 def _groups(model: nn.Module, layers: List[str], graphs) -> List[List[str]]:
@@ -261,7 +247,8 @@ def auto_quantize(
 
     replace_quant_modules(model)
     reset_quantizers(model)
-    graphs = _trace(model, batches[0], forward_step)
+    graphs = trace_model(model, lambda m: run_step(m, batches[0], forward_step), "auto_quantize",
+                         "shared-input groups are found from layer names (q/k/v, gate/up) only")
 
     def loop(m):
         with torch.no_grad():

@@ -47,21 +47,20 @@ def _(x, token):
 def _export_leaf(m: nn.Module) -> bool:
     """Layers kept opaque during export: the ones the linear fusions read as modules."""
     from ..quantization.compress import CompressedLinear
-    from .fuse_linear import _is_quant_linear
+    from .fuse_linear import is_quant_linear
 
-    return type(m) is nn.Linear or isinstance(m, CompressedLinear) or _is_quant_linear(m)
+    return type(m) is nn.Linear or isinstance(m, CompressedLinear) or is_quant_linear(m)
 
 
 @contextlib.contextmanager
-def _opaque_layers(model: nn.Module) -> Iterator[Dict[int, str]]:
-    """Patch each export leaf's forward to call ``capture_leaf``; yields token -> path."""
-    paths: Dict[int, str] = {}
-    patched = []
+def _opaque_layers(model: nn.Module) -> Iterator[Dict[int, Tuple[str, nn.Module]]]:
+    """Patch each export leaf's forward to call ``capture_leaf``; yields token -> (path, layer)."""
+    leaves: Dict[int, Tuple[str, nn.Module]] = {}
     for path, m in model.named_modules():
         if not path or not _export_leaf(m) or id(m) in _LEAVES:
             continue
         token = id(m)
-        _LEAVES[token], paths[token] = m, path
+        _LEAVES[token], leaves[token] = m, (path, m)
         original = m.forward
 
         def forward(*args, _tok=token, _orig=original, **kwargs):
@@ -70,13 +69,11 @@ def _opaque_layers(model: nn.Module) -> Iterator[Dict[int, str]]:
             return _orig(*args, **kwargs)
 
         m.forward = forward
-        patched.append(m)
     try:
-        yield paths
+        yield leaves
     finally:
-        for m in patched:
+        for token, (_, m) in leaves.items():
             del m.forward  # the class's forward again
-        for token in paths:
             _LEAVES.pop(token, None)
 
 
@@ -84,17 +81,16 @@ def export_with_leaves(model: nn.Module, args: Tuple[Any, ...], kwargs: Optional
                        dynamic_shapes: Any = None) -> fx.GraphModule:
     """torch.export of `model` (non-strict) with its linear layers as ``call_module`` nodes.
     `dynamic_shapes` is torch.export's argument; without it the graph takes only the example shapes."""
-    with _opaque_layers(model) as paths:
+    with _opaque_layers(model) as leaves:
         gm = torch.export.export(model, tuple(args), kwargs=kwargs or None, dynamic_shapes=dynamic_shapes,
                                  strict=False).module()
-        layers = dict(_LEAVES)
     op = torch.ops.modelopt_lite.capture_leaf.default
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not op:
             continue
         x, token = node.args
-        path = paths[token]
-        if not gm.add_submodule(path, layers[token]):
+        path, layer = leaves[token]
+        if not gm.add_submodule(path, layer):
             raise RuntimeError(f"cannot install layer {path!r} in the exported module")
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(path, (x,))

@@ -46,6 +46,9 @@ __all__ = ["QuantizedLinear", "HorizontalLinear", "capture_quantized", "compress
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _META_KEYS = ("val", "tensor_meta")
+_STORAGE_KINDS = ("fp8", "nvfp4", "int4", "codes")  # CompressedLinear.kind
+_LOWERED_KINDS = ("fake_quant",) + _STORAGE_KINDS
+_FUSED_KINDS = ("float",) + _STORAGE_KINDS
 
 
 def _gemm_targets() -> set:
@@ -133,7 +136,8 @@ def _single_input(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _is_quant_linear(m: nn.Module) -> bool:
+def is_quant_linear(m: nn.Module) -> bool:
+    """A QuantLinear running its own forward on a 2-D [out, in] weight (what the fusions can rewrite)."""
     from ..quantization.nn.linear import QuantLinear
 
     return (isinstance(m, QuantLinear) and type(m).forward is QuantLinear.forward and not m.weight_axis_last
@@ -152,10 +156,10 @@ def _check_kinds(v: List[str], allowed: Tuple[str, ...]) -> List[str]:
 class QuantizedLinear(Transform):
     """Lowers QuantLinear / CompressedLinear calls to their quantized GEMM ops (see the module docstring)."""
 
-    KINDS = ("fake_quant", "fp8", "nvfp4", "int4", "codes")
+    KINDS = _LOWERED_KINDS
 
     class Config(TransformConfig):
-        kinds: List[str] = ["fake_quant", "fp8", "nvfp4", "int4", "codes"]
+        kinds: List[str] = list(_LOWERED_KINDS)
         """Layers to lower: ``fake_quant`` (QuantLinear) and CompressedLinear storage kinds."""
         dequant_fallback: bool = True
         """Where the registry gives the fallback, emit dequantize-then-linear (False: leave the call)."""
@@ -175,7 +179,7 @@ class QuantizedLinear(Transform):
             m = gm.get_submodule(n.target)
             if isinstance(m, CompressedLinear) and m.kind in self.config.kinds:
                 out.append((n, m))
-            elif _is_quant_linear(m) and "fake_quant" in self.config.kinds:
+            elif is_quant_linear(m) and "fake_quant" in self.config.kinds:
                 out.append((n, m))
         return out
 
@@ -187,11 +191,11 @@ class QuantizedLinear(Transform):
     def apply(self, gm: fx.GraphModule, ctx: TransformContext) -> int:
         count = 0
         for node, m in self._candidates(gm):
-            quantizers = [m.input_quantizer, m.output_quantizer] + ([m.weight_quantizer] if _is_quant_linear(m) else [])
+            quantizers = [m.input_quantizer, m.output_quantizer] + ([m.weight_quantizer] if is_quant_linear(m) else [])
             if not all(_quantizer_static(q) for q in quantizers):
                 continue
             with gm.graph.inserting_before(node):
-                out = self._lower_fake(gm.graph, node, m) if _is_quant_linear(m) else self._lower_compressed(gm, node, m)
+                out = self._lower_fake(gm.graph, node, m) if is_quant_linear(m) else self._lower_compressed(gm, node, m)
             if out is None:
                 continue
             with gm.graph.inserting_before(node):
@@ -293,7 +297,7 @@ def _float_linear(m: nn.Module) -> bool:
     """A layer computing plain ``F.linear(x, weight, bias)``."""
     if type(m) is nn.Linear:
         return True
-    return _is_quant_linear(m) and all(not q.is_enabled and q.pre_quant_scale is None for q in
+    return is_quant_linear(m) and all(not q.is_enabled and q.pre_quant_scale is None for q in
                                        (m.input_quantizer, m.weight_quantizer, m.output_quantizer))
 
 
@@ -392,12 +396,12 @@ def _fuse_float(mods: List[nn.Module]) -> nn.Linear:
 class HorizontalLinear(Transform):
     """Fuses linear layers that read the same input into one GEMM plus a split (see the module docstring)."""
 
-    KINDS = ("float", "fp8", "nvfp4", "int4", "codes")
+    KINDS = _FUSED_KINDS
 
     class Config(TransformConfig):
         min_group: int = 2
         """Fuse groups of at least this many layers (>= 2)."""
-        kinds: List[str] = ["float", "fp8", "nvfp4", "int4", "codes"]
+        kinds: List[str] = list(_FUSED_KINDS)
         """Layer kinds to fuse: ``float`` (nn.Linear, QuantLinear with quantizers off) and CompressedLinear storage kinds."""
         zero_bias: bool = True
         """Give a zero bias to the layers without one when others have one (False: such groups split by bias)."""

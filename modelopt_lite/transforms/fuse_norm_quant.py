@@ -26,6 +26,7 @@ from torch import fx
 
 from ..kernels import norm_quant as _nq
 from ..quantization.ops import format_from_spec
+from ..trace.graph_utils import get_attr_path
 from .pattern import canonical_target, node_meta
 from .registry import Transform, TransformConfig, TransformContext, register_transform
 
@@ -97,15 +98,8 @@ def _other(mul: fx.Node, one: fx.Node) -> Any:
 
 
 def _amax_value(gm: fx.GraphModule, n: fx.Node) -> Optional[torch.Tensor]:
-    if n.op != "get_attr":
-        return None
-    try:
-        return gm.get_buffer(n.target)
-    except AttributeError:
-        try:
-            return gm.get_parameter(n.target)
-        except AttributeError:
-            return None
+    value = get_attr_path(gm, n.target) if n.op == "get_attr" else None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _same_amax(gm: fx.GraphModule, a: Any, b: Any, merge_equal: bool) -> bool:
@@ -164,7 +158,11 @@ def _replace(gm: fx.GraphModule, readers: Optional[List[fx.Node]], target, args:
         for u in list(chain[0].users):
             if _shape_read(u):
                 u.replace_input_with(chain[0], args[0])
-    first = min(readers, key=lambda n: list(graph.nodes).index(n)) if len(readers) > 1 else readers[0]
+    if len(readers) > 1:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = min(readers, key=order.__getitem__)
+    else:
+        first = readers[0]
     with graph.inserting_before(first):
         new = graph.call_function(target, args)
     for k in ("val", "tensor_meta", "stack_trace", "nn_module_stack"):
